@@ -1,0 +1,110 @@
+"""The forward process q(z_t | x) and conversions between x, eps and v predictions.
+
+Images are NHWC float32 in [-1, 1]; log-SNR has shape (B,) and broadcasts over the image axes.
+"""
+
+from typing import NamedTuple
+
+import chex
+import jax.numpy as jnp
+
+from sferd_jax.diffusion import schedules
+
+OUTPUT_TYPES = ('x', 'eps', 'v', 'both')
+
+
+class Prediction(NamedTuple):
+  """A denoiser's output, in all three parameterisations."""
+  x: jnp.ndarray
+  eps: jnp.ndarray
+  v: jnp.ndarray
+
+
+def _coefs(logsnr, like):
+  """alpha, sigma of shape (B, 1, 1, 1) for images `like` of shape (B, H, W, C)."""
+  chex.assert_rank(logsnr, 1)
+  chex.assert_axis_dimension(like, 0, logsnr.shape[0])
+  alpha, sigma = schedules.alpha_sigma(logsnr)
+  expand = (slice(None),) + (None,) * (like.ndim - 1)
+  return alpha[expand], sigma[expand]
+
+
+def diffuse(*, x, eps, logsnr):
+  """z_t = alpha x + sigma eps."""
+  chex.assert_equal_shape([x, eps])
+  alpha, sigma = _coefs(logsnr, x)
+  return alpha * x + sigma * eps
+
+
+def x_from_eps(*, z, eps, logsnr):
+  chex.assert_equal_shape([z, eps])
+  alpha, sigma = _coefs(logsnr, z)
+  return (z - sigma * eps) / alpha
+
+
+def eps_from_x(*, z, x, logsnr):
+  chex.assert_equal_shape([z, x])
+  alpha, sigma = _coefs(logsnr, z)
+  return (z - alpha * x) / sigma
+
+
+def v_from_x_eps(*, x, eps, logsnr):
+  """v = alpha eps - sigma x."""
+  chex.assert_equal_shape([x, eps])
+  alpha, sigma = _coefs(logsnr, x)
+  return alpha * eps - sigma * x
+
+
+def x_from_v(*, z, v, logsnr):
+  """x = alpha z - sigma v."""
+  chex.assert_equal_shape([z, v])
+  alpha, sigma = _coefs(logsnr, z)
+  return alpha * z - sigma * v
+
+
+def eps_from_v(*, z, v, logsnr):
+  """eps = sigma z + alpha v."""
+  chex.assert_equal_shape([z, v])
+  alpha, sigma = _coefs(logsnr, z)
+  return sigma * z + alpha * v
+
+
+def predict(*, output, z, logsnr, output_type):
+  """Model output -> Prediction(x, eps, v).
+
+  'both' has two heads on the channel axis, [x_out, eps_out], mixed by noise level as in progressive
+  distillation: x = sigma^2 x_out + alpha^2 x(eps_out), which trusts x_out at high noise and eps_out at low.
+  """
+  output = output.astype(jnp.float32)
+  if output_type == 'x':
+    chex.assert_equal_shape([output, z])
+    x = output
+    eps = eps_from_x(z=z, x=x, logsnr=logsnr)
+  elif output_type == 'eps':
+    chex.assert_equal_shape([output, z])
+    eps = output
+    x = x_from_eps(z=z, eps=eps, logsnr=logsnr)
+  elif output_type == 'v':
+    chex.assert_equal_shape([output, z])
+    x = x_from_v(z=z, v=output, logsnr=logsnr)
+    eps = eps_from_v(z=z, v=output, logsnr=logsnr)
+  elif output_type == 'both':
+    chex.assert_shape(output, z.shape[:-1] + (2 * z.shape[-1],))
+    x_out, eps_out = jnp.split(output, 2, axis=-1)
+    alpha, sigma = _coefs(logsnr, z)
+    x = sigma**2 * x_out + alpha**2 * x_from_eps(z=z, eps=eps_out, logsnr=logsnr)
+    eps = eps_from_x(z=z, x=x, logsnr=logsnr)
+  else:
+    raise ValueError(f'output_type must be one of {OUTPUT_TYPES}, got {output_type!r}')
+  return Prediction(x=x, eps=eps, v=v_from_x_eps(x=x, eps=eps, logsnr=logsnr))
+
+
+def from_x(*, x, z, logsnr):
+  """The Prediction consistent with an x estimate at (z, logsnr)."""
+  eps = eps_from_x(z=z, x=x, logsnr=logsnr)
+  return Prediction(x=x, eps=eps, v=v_from_x_eps(x=x, eps=eps, logsnr=logsnr))
+
+
+def clip_x(pred, *, z, logsnr):
+  """Clip x to [-1, 1] and re-derive eps and v from it, so the three stay consistent at (z, logsnr)."""
+  return from_x(x=jnp.clip(pred.x, -1.0, 1.0), z=z, logsnr=logsnr)
