@@ -8,7 +8,3 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_
 # A stray TFDS download hangs for minutes on a machine without network: make it fail at once.
 os.environ.setdefault('TFDS_DATA_DIR', '/nonexistent-tfds-data-dir-for-tests')
 os.environ.setdefault('NO_GCE_CHECK', 'true')
-
-import jax  # noqa: E402  pylint: disable=wrong-import-position
-
-jax.config.update('jax_threefry_partitionable', True)

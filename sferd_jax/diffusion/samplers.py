@@ -25,9 +25,8 @@ def ancestral_step(*, pred, z_t, logsnr_t, logsnr_s, rng):
   chex.assert_equal_shape([pred.x, z_t])
   alpha_t, sigma_t = process._coefs(logsnr_t, z_t)  # pylint: disable=protected-access
   alpha_s, sigma_s = process._coefs(logsnr_s, z_t)  # pylint: disable=protected-access
-  expand = (slice(None), None, None, None)
   # r = SNR_t / SNR_s < 1; the posterior mean mixes z_t and x_hat, its variance is (1 - r) sigma_s^2.
-  r = jnp.exp(logsnr_t - logsnr_s)[expand]
+  r = jnp.exp(logsnr_t - logsnr_s).reshape((-1,) + (1,) * (z_t.ndim - 1))
   mean = r * (alpha_s / alpha_t) * z_t + (1.0 - r) * alpha_s * pred.x
   std = jnp.sqrt((1.0 - r) * sigma_s**2)
   return mean + std * jax.random.normal(rng, z_t.shape, z_t.dtype)
