@@ -1,0 +1,293 @@
+"""The U-Net of progressive distillation (google-research diffusion_distillation/unet.py), in Flax linen.
+
+    model = make_unet(config.model, capture_attention=('dec16_3_attn',))
+    params = init_params(model, rng, model_config=config.model)
+    out = model.apply({'params': params}, z, logsnr, labels, train=False)              # (B, H, W, C or 2C) f32
+    out, state = model.apply({'params': params}, z, logsnr, labels, train=False, mutable=['intermediates'])
+    maps = attention_probs(state['intermediates'])   # {'dec16_3_attn': (B, heads, T, T)}
+
+The model is two submodules, so the semantic gradient predictor can reuse the encoder half of a frozen student:
+  params = {'encoder': {dense0, dense1, class_emb, conv_in, enc{res}_{i}, enc{res}_{i}_attn, enc{res}_down},
+            'decoder': {mid_0, mid_attn, mid_1, dec{res}_{i}, dec{res}_{i}_attn, dec{res}_up, norm_out, conv_out}}
+Apply the encoder alone with the full model's params and `method=UNet.encode`:
+    h, skips, emb = model.apply({'params': params}, z, logsnr, labels, train=False, method=UNet.encode)
+which equals `UNetEncoder(**fields).apply({'params': params['encoder']}, ...)`; `method=UNet.decode` takes
+(h, skips, emb) back to the output. Sown maps sit at intermediates/{encoder|decoder}/<block>/attention_probs.
+Attention block names use the resolution the block actually sees, i.e. that of `image_size` inputs.
+"""
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple, Optional
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sferd_jax.diffusion.process import OUTPUT_TYPES
+from sferd_jax.models import layers
+
+COMPUTE_DTYPES = ('float32', 'bfloat16')
+
+
+class _UNetFields(nn.Module):
+  """Fields shared by UNet and its two halves (each half reads what it needs)."""
+  ch: int
+  emb_ch: int
+  ch_mult: tuple[int, ...]
+  num_res_blocks: int
+  attn_resolutions: tuple[int, ...]
+  out_channels: int
+  num_heads: Optional[int] = None
+  head_dim: Optional[int] = None
+  dropout: float = 0.0
+  resblock_resample: bool = False
+  num_classes: int = 0
+  dtype: Any = jnp.float32
+  capture_attention: tuple[str, ...] = ()
+
+  def _field_values(self):
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(_UNetFields) if f.name not in ('parent', 'name')}
+
+  def _resnet(self, name, out_ch=None, resample=None):
+    return layers.ResnetBlock(out_ch=out_ch, dropout=self.dropout, resample=resample, dtype=self.dtype, name=name)
+
+  def _attn(self, name):
+    return layers.AttnBlock(num_heads=self.num_heads, head_dim=self.head_dim, capture=name in self.capture_attention,
+                            dtype=self.dtype, name=name)
+
+  def _conv(self, features, name, **kwargs):
+    return nn.Conv(features, (3, 3), dtype=jnp.dtype(self.dtype), param_dtype=jnp.float32, name=name, **kwargs)
+
+
+class UNetEncoder(_UNetFields):
+  """Noise-level (and class) embedding, conv_in and the down path. Returns (h, skips, emb)."""
+
+  @nn.compact
+  def __call__(self, z, logsnr, labels=None, *, train):
+    batch, height, width, _ = z.shape
+    chex.assert_shape(logsnr, (batch,))
+    factor = 2**(len(self.ch_mult) - 1)
+    if height != width or height % factor:
+      raise ValueError(f'input {height}x{width}: the U-Net needs a square image divisible by {factor}')
+    dtype = jnp.dtype(self.dtype)
+    dense = lambda name: nn.Dense(self.emb_ch, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+    # PD's 'inv_cos' input: t of the cosine schedule in [0, 1], so the sinusoids see a well-spread input.
+    logsnr = jnp.clip(logsnr.astype(jnp.float32), -20.0, 20.0)
+    emb = layers.timestep_embedding(jnp.arctan(jnp.exp(-0.5 * logsnr)) / (0.5 * jnp.pi), dim=self.ch)
+    emb = dense('dense1')(nn.swish(dense('dense0')(emb)))
+    if self.num_classes > 0:
+      if labels is None:
+        raise ValueError(f'this U-Net is class-conditional (num_classes={self.num_classes}): pass labels (B,)')
+      chex.assert_shape(labels, (batch,))
+      emb = emb + nn.Embed(self.num_classes, self.emb_ch, dtype=dtype, param_dtype=jnp.float32,
+                           name='class_emb')(labels)
+    elif labels is not None:
+      raise ValueError('this U-Net is unconditional (num_classes=0): pass labels=None')
+
+    h = self._conv(self.ch, 'conv_in')(z.astype(dtype))
+    skips = [h]
+    for level, mult in enumerate(self.ch_mult):
+      res = h.shape[1]
+      for i in range(self.num_res_blocks):
+        h = self._resnet(f'enc{res}_{i}', out_ch=self.ch * mult)(h, emb=emb, train=train)
+        if res in self.attn_resolutions:
+          h = self._attn(f'enc{res}_{i}_attn')(h)
+        skips.append(h)
+      if level != len(self.ch_mult) - 1:
+        if self.resblock_resample:
+          h = self._resnet(f'enc{res}_down', resample='down')(h, emb=emb, train=train)
+        else:
+          h = self._conv(h.shape[-1], f'enc{res}_down', strides=(2, 2))(h)
+        skips.append(h)
+    return h, tuple(skips), emb
+
+
+class UNetDecoder(_UNetFields):
+  """Middle block, up path and output conv. Takes the encoder's (h, skips, emb); returns float32."""
+
+  @nn.compact
+  def __call__(self, h, skips, emb, *, train):
+    skips = list(skips)
+    h = self._resnet('mid_0')(h, emb=emb, train=train)
+    h = self._attn('mid_attn')(h)
+    h = self._resnet('mid_1')(h, emb=emb, train=train)
+    for level in reversed(range(len(self.ch_mult))):
+      res = h.shape[1]
+      for i in range(self.num_res_blocks + 1):
+        h = jnp.concatenate([h, skips.pop().astype(h.dtype)], axis=-1)
+        h = self._resnet(f'dec{res}_{i}', out_ch=self.ch * self.ch_mult[level])(h, emb=emb, train=train)
+        if res in self.attn_resolutions:
+          h = self._attn(f'dec{res}_{i}_attn')(h)
+      if level != 0:
+        if self.resblock_resample:
+          h = self._resnet(f'dec{res}_up', resample='up')(h, emb=emb, train=train)
+        else:
+          h = self._conv(h.shape[-1], f'dec{res}_up')(layers.upsample_nearest(h))
+    if skips:
+      raise ValueError(f'{len(skips)} skip features left over: encoder and decoder configs differ')
+    h = nn.swish(layers.group_norm(h, name='norm_out'))
+    h = self._conv(self.out_channels, 'conv_out', kernel_init=nn.initializers.zeros)(h)
+    return h.astype(jnp.float32)
+
+
+class UNet(_UNetFields):
+  """decoder(*encoder(z, logsnr, labels)): the raw output (B, H, W, out_channels) in float32."""
+
+  def setup(self):
+    self.encoder = UNetEncoder(**self._field_values())
+    self.decoder = UNetDecoder(**self._field_values())
+
+  def __call__(self, z, logsnr, labels=None, *, train):
+    return self.decoder(*self.encoder(z, logsnr, labels, train=train), train=train)
+
+  def encode(self, z, logsnr, labels=None, *, train):
+    return self.encoder(z, logsnr, labels, train=train)
+
+  def decode(self, h, skips, emb, *, train):
+    return self.decoder(h, skips, emb, train=train)
+
+
+# Config entry points. `model_config` is any mapping (ConfigDict included) with the keys of configs' `model`.
+
+
+class AttentionBlock(NamedTuple):
+  name: str
+  resolution: int
+  channels: int
+
+
+def compute_dtype(value):
+  """'float32' | 'bfloat16' | a jnp dtype -> jnp.dtype."""
+  try:
+    dtype = jnp.dtype(value)
+  except TypeError:
+    dtype = None
+  if dtype is None or dtype.name not in COMPUTE_DTYPES:
+    raise ValueError(f'model.dtype must be one of {COMPUTE_DTYPES}, got {value!r}')
+  return dtype
+
+
+def _resolutions(model_config):
+  return [model_config['image_size'] // 2**i for i in range(len(model_config['ch_mult']))]
+
+
+def attention_blocks(model_config):
+  """[(name, resolution, channels)] of every attention block in model order, from the config alone."""
+  res, ch, mult = _resolutions(model_config), model_config['ch'], model_config['ch_mult']
+  attn, nrb = tuple(model_config['attn_resolutions']), model_config['num_res_blocks']
+  blocks = [AttentionBlock(f'enc{r}_{i}_attn', r, ch * m) for r, m in zip(res, mult) if r in attn for i in range(nrb)]
+  blocks.append(AttentionBlock('mid_attn', res[-1], ch * mult[-1]))
+  blocks += [AttentionBlock(f'dec{r}_{i}_attn', r, ch * m)
+             for r, m in reversed(list(zip(res, mult))) if r in attn for i in range(nrb + 1)]
+  return blocks
+
+
+def default_guidance_block(model_config):
+  """The last decoder attention block at the highest resolution the decoder attends at (SFERD.md §3)."""
+  decoder = [b for b in attention_blocks(model_config) if not b.name.startswith('enc')]
+  top = max(b.resolution for b in decoder)
+  return [b.name for b in decoder if b.resolution == top][-1]
+
+
+def _norm_channels(model_config):
+  """{channels: where} for every GroupNorm of the net."""
+  ch, mult, nrb = model_config['ch'], model_config['ch_mult'], model_config['num_res_blocks']
+  seen = {}
+  skips, c = [ch], ch
+  for level, m in enumerate(mult):
+    for i in range(nrb):
+      seen.setdefault(c, f'encoder level {level} block {i} input')
+      c = ch * m
+      seen.setdefault(c, f'encoder level {level}')
+      skips.append(c)
+    if level != len(mult) - 1:
+      skips.append(c)
+  for level in reversed(range(len(mult))):
+    for i in range(nrb + 1):
+      s = skips.pop()
+      seen.setdefault(c + s, f'decoder level {level} block {i} input ({c} + skip {s})')
+      c = ch * mult[level]
+      seen.setdefault(c, f'decoder level {level}')
+  return seen
+
+
+def validate_model_config(model_config):
+  """Raises ValueError saying what to change when the config cannot build a U-Net."""
+  if model_config['output_type'] not in OUTPUT_TYPES:
+    raise ValueError(f'model.output_type must be one of {OUTPUT_TYPES}, got {model_config["output_type"]!r}')
+  compute_dtype(model_config['dtype'])
+  mult, size = tuple(model_config['ch_mult']), model_config['image_size']
+  if not mult or model_config['num_res_blocks'] < 1 or model_config['ch'] < 1:
+    raise ValueError('model.ch_mult must be non-empty and model.num_res_blocks, model.ch at least 1')
+  if not 0.0 <= model_config['dropout'] < 1.0 or model_config['num_classes'] < 0:
+    raise ValueError('model.dropout must be in [0, 1) and model.num_classes >= 0 (0 = unconditional)')
+  factor = 2**(len(mult) - 1)
+  if size % factor:
+    raise ValueError(f'model.image_size={size} is not divisible by 2**(len(ch_mult) - 1) = {factor}: '
+                     f'use an image_size that is a multiple of {factor} or fewer ch_mult levels')
+  reached = _resolutions(model_config)
+  missing = [r for r in model_config['attn_resolutions'] if r not in reached]
+  if missing:
+    raise ValueError(f'model.attn_resolutions {missing} are never reached; the net sees resolutions {reached}')
+  heads, head_dim = model_config['num_heads'], model_config['head_dim']
+  if bool(heads) == bool(head_dim):
+    raise ValueError(f'set exactly one of model.num_heads ({heads}) and model.head_dim ({head_dim}); '
+                     'the other must be None or 0')
+  for block in attention_blocks(model_config):
+    if block.channels % (heads or head_dim):
+      what = f'num_heads={heads}' if heads else f'head_dim={head_dim}'
+      raise ValueError(f'{block.name} has {block.channels} channels, not divisible by {what}: change '
+                       f'{"num_heads" if heads else "head_dim"}, ch or ch_mult')
+  for channels, where in _norm_channels(model_config).items():
+    groups = layers.num_groups(channels)
+    if groups < 1 or channels % groups:
+      raise ValueError(f'GroupNorm uses min(32, C // 4) groups, which does not divide C={channels} ({where}): '
+                       'choose ch and ch_mult so that every channel count is a multiple of 4 (of 32 from 128 up)')
+
+
+def make_unet(model_config, *, capture_attention=()):
+  """The UNet of a validated `model` config; `capture_attention` names blocks from attention_blocks()."""
+  validate_model_config(model_config)
+  capture_attention = tuple(capture_attention)
+  names = [b.name for b in attention_blocks(model_config)]
+  unknown = [n for n in capture_attention if n not in names]
+  if unknown:
+    raise ValueError(f'capture_attention {unknown} are not attention blocks of this model; it has {names}')
+  return UNet(
+      ch=model_config['ch'],
+      emb_ch=model_config['emb_ch'],
+      ch_mult=tuple(model_config['ch_mult']),
+      num_res_blocks=model_config['num_res_blocks'],
+      attn_resolutions=tuple(model_config['attn_resolutions']),
+      out_channels=model_config['channels'] * (2 if model_config['output_type'] == 'both' else 1),
+      num_heads=model_config['num_heads'] or None,
+      head_dim=model_config['head_dim'] or None,
+      dropout=float(model_config['dropout']),
+      resblock_resample=bool(model_config['resblock_resample']),
+      num_classes=model_config['num_classes'],
+      dtype=compute_dtype(model_config['dtype']),
+      capture_attention=capture_attention)
+
+
+def _dummy_inputs(model, model_config):
+  size, channels = model_config['image_size'], model_config['channels']
+  z = jnp.zeros((1, size, size, channels), jnp.float32)
+  labels = jnp.zeros((1,), jnp.int32) if model.num_classes > 0 else None
+  return z, jnp.zeros((1,), jnp.float32), labels
+
+
+def init_params(model, rng, *, model_config):
+  """float32 params of `model` for images of the config's size, from a jitted init on a batch of 1."""
+  init = jax.jit(functools.partial(model.init, train=False))
+  return init(rng, *_dummy_inputs(model, model_config))['params']
+
+
+def param_count(model_config):
+  """Number of parameters, from shapes only (jax.eval_shape; nothing is allocated)."""
+  model = make_unet(model_config)
+  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                          *_dummy_inputs(model, model_config))['params']
+  return sum(x.size for x in jax.tree_util.tree_leaves(shapes))
