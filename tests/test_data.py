@@ -3,6 +3,7 @@
 import gzip
 import os
 import struct
+import sys
 import time
 
 import numpy as np
@@ -350,3 +351,10 @@ def test_tfds_cifar10_reads_without_tensorflow(tmp_path):
   for key in ('image', 'label'):
     np.testing.assert_array_equal(in_memory.get(2, 3)[key], streamed_batch[key])
   assert fashion.image_shape == (32, 32, 1) and len(fashion) == 12
+
+
+def test_tfds_missing_package_is_explained(tmp_path, monkeypatch):
+  _fake_prepared(str(tmp_path), 'cifar10', '3.0.2', 'train')
+  monkeypatch.setitem(sys.modules, 'tensorflow_datasets', None)  # makes `import tensorflow_datasets` fail
+  with pytest.raises(ImportError, match='pip install tensorflow-datasets'):
+    data.tfds_source('cifar10', 'train', str(tmp_path))
