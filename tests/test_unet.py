@@ -99,7 +99,7 @@ def test_output_shapes(output_type, overrides):
 def test_init_params_float32_and_zero_output_at_init():
   config = _config(num_classes=3)
   model = unet.make_unet(config)
-  params = unet.init_params(model, jax.random.key(0), model_config=config)
+  params = jax.jit(lambda rng: unet.init_params(model, rng, model_config=config))(jax.random.key(0))
   shapes = _param_shapes(model, config)
   assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(shapes)
   assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))

@@ -307,12 +307,12 @@ def _dummy_inputs(model, model_config):
 
 
 def init_params(model, rng, *, model_config):
-  """float32 params of `model` for images of the config's size, from a jitted init on a batch of 1."""
-  # Init runs once, and on CPU its compile dominates: without XLA's backend optimisation the quickstart net
-  # compiles in half the time; at CIFAR-10 size the slower run of the initialisers eats the gain (~21 s either way).
-  options = {'xla_backend_optimization_level': 0} if jax.default_backend() == 'cpu' else None
-  init = jax.jit(functools.partial(model.init, train=False), compiler_options=options)
-  return init(rng, *_dummy_inputs(model, model_config))['params']
+  """float32 params of `model` for images of the config's size, from an init on a batch of 1.
+
+  Traceable: call it under jit (the training loop initialises the whole TrainState in one jit), since an
+  un-jitted init runs hundreds of initialisers op by op.
+  """
+  return model.init(rng, *_dummy_inputs(model, model_config), train=False)['params']
 
 
 def param_count(model_config):

@@ -1,0 +1,170 @@
+"""The configuration schema: every config in configs/ starts from `base_config()` and is checked by `validate()`.
+
+One schema for every config means one place that says what each key does, and that an unknown key (a typo
+on the command line, say) fails at once: the returned ConfigDicts are locked.
+"""
+
+import json
+import math
+
+import ml_collections
+
+PHASES = ('teacher', 'distill', 'semantic', 'latent', 'evaluate')
+OPTIMIZERS = ('adam', 'adamw')
+LR_SCHEDULES = ('constant', 'linear_decay')
+
+
+class ConfigError(ValueError):
+  """A config that cannot work; the message says which key to change and how."""
+
+
+def training_config(*, train_steps, batch_size, learning_rate, warmup_steps=0, schedule='constant', weight_decay=0.0,
+                    grad_clip=1.0, ema_decay=0.0, loss='snr_trunc', log_every=100, checkpoint_every=1000,
+                    keep_checkpoints=2, sample_every=0, steps_per_call=1):
+  """The settings every training phase shares: the loop, the optimizer and the loss."""
+  return ml_collections.ConfigDict(dict(
+      train_steps=train_steps,          # optimizer updates (per stage, for distillation)
+      batch_size=batch_size,            # global batch, split over all devices and hosts
+      loss=loss,                        # snr_trunc | v_mse | eps_mse
+      optimizer=dict(
+          name='adam' if weight_decay == 0.0 else 'adamw',
+          learning_rate=learning_rate,
+          warmup_steps=warmup_steps,    # linear warm-up from 0
+          schedule=schedule,            # constant | linear_decay (to 0 at train_steps)
+          b1=0.9,
+          b2=0.999,
+          eps=1e-8,
+          weight_decay=weight_decay,    # decoupled (AdamW); requires name='adamw' when > 0
+          grad_clip=grad_clip,          # global-norm clipping; 0 disables
+      ),
+      ema_decay=ema_decay,              # 0 = no EMA (the exported model is then the raw parameters)
+      steps_per_call=steps_per_call,    # optimizer steps per host call, through lax.scan
+      log_every=log_every,              # steps between log lines (rounded up to steps_per_call)
+      checkpoint_every=checkpoint_every,  # steps between checkpoints
+      keep_checkpoints=keep_checkpoints,  # how many recent checkpoints to keep
+      sample_every=sample_every,        # steps between sample grids; 0 = only at the end
+  ))
+
+
+def base_config():
+  """Defaults shared by all configs; a config file overrides what it needs and returns `lock(config)`."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  # What `--mode=pipeline` runs, in order.
+  config.phases = ('teacher',)
+
+  config.data = dict(
+      name='digits',          # digits | fashion_mnist | cifar10 | imagenet64 | npz
+      split='train',
+      data_dir=None,          # None = the source's default location (TFDS: $TFDS_DATA_DIR or ~/tensorflow_datasets)
+      path=None,              # the .npz file, for name='npz'
+      random_flip=False,
+  )
+  # The denoiser's architecture; image_size and channels also fix the data's shape.
+  config.model = dict(
+      image_size=16,
+      channels=1,
+      ch=32,
+      emb_ch=128,
+      ch_mult=(1, 2, 2),
+      num_res_blocks=2,
+      attn_resolutions=(8, 4),
+      num_heads=1,
+      head_dim=None,
+      dropout=0.0,
+      resblock_resample=False,
+      num_classes=0,          # 0 = unconditional
+      output_type='x',        # x | eps | v | both
+      dtype='float32',        # compute dtype; parameters and optimizer state are always float32
+  )
+  config.diffusion = dict(logsnr_min=-20.0, logsnr_max=20.0)  # cosine log-SNR schedule
+
+  config.teacher = training_config(train_steps=1000, batch_size=64, learning_rate=2e-4)
+  config.distill = training_config(train_steps=1000, batch_size=64, learning_rate=5e-5, schedule='linear_decay')
+  config.distill.teacher = None      # exported model to distill; None = the teacher phase's output in the workdir
+  config.distill.start_num_steps = 256  # sampling steps of the first teacher; halved every stage
+  config.distill.end_num_steps = 1
+
+  config.sample = dict(
+      model=None,            # exported model dir, or a path inside the workdir ('teacher', 'distill/stage_3'); None = last
+      num_samples=64,
+      num_steps=None,        # None = the model's own step count (a student's) or 256 for a teacher
+      sampler='ddim',        # ddim | ancestral
+      clip_x=True,
+      batch_size=256,        # samples per device call
+  )
+  return config
+
+
+def lock(config):
+  config.lock()
+  return config
+
+
+def _fail(key, message):
+  raise ConfigError(f'config.{key}: {message}')
+
+
+def _validate_training(config, section):
+  cfg = config[section]
+  if cfg.train_steps < 1:
+    _fail(f'{section}.train_steps', f'must be >= 1, got {cfg.train_steps}')
+  if cfg.batch_size < 1:
+    _fail(f'{section}.batch_size', f'must be >= 1, got {cfg.batch_size}')
+  from sferd_jax.diffusion import losses  # pylint: disable=g-import-not-at-top
+  if cfg.loss not in losses.LOSS_TYPES:
+    _fail(f'{section}.loss', f'must be one of {losses.LOSS_TYPES}, got {cfg.loss!r}')
+  opt = cfg.optimizer
+  if opt.name not in OPTIMIZERS:
+    _fail(f'{section}.optimizer.name', f'must be one of {OPTIMIZERS}, got {opt.name!r}')
+  if opt.schedule not in LR_SCHEDULES:
+    _fail(f'{section}.optimizer.schedule', f'must be one of {LR_SCHEDULES}, got {opt.schedule!r}')
+  if opt.weight_decay and opt.name != 'adamw':
+    _fail(f'{section}.optimizer.weight_decay', "is only applied by name='adamw'; set optimizer.name='adamw'")
+  if not 0.0 <= cfg.ema_decay < 1.0:
+    _fail(f'{section}.ema_decay', f'must be in [0, 1), got {cfg.ema_decay}')
+  for key in ('steps_per_call', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
+    if cfg[key] < 1:
+      _fail(f'{section}.{key}', f'must be >= 1, got {cfg[key]}')
+
+
+def validate(config):
+  """Raises ConfigError naming the key and the fix, for a config that cannot work. Returns the config."""
+  for phase in config.phases:
+    if phase not in PHASES:
+      _fail('phases', f'unknown phase {phase!r}; phases are {PHASES}')
+  from sferd_jax.models import unet  # pylint: disable=g-import-not-at-top
+  try:
+    unet.validate_model_config(config.model)
+  except ValueError as e:
+    raise ConfigError(f'config.model: {e}') from None
+  if config.diffusion.logsnr_min >= config.diffusion.logsnr_max:
+    _fail('diffusion', 'logsnr_min must be below logsnr_max')
+  _validate_training(config, 'teacher')
+  _validate_training(config, 'distill')
+  start, end = config.distill.start_num_steps, config.distill.end_num_steps
+  ratio = start / end if end >= 1 else 0
+  if end < 1 or start < end or ratio != int(ratio) or not math.log2(ratio).is_integer():
+    _fail('distill.start_num_steps',
+          f'must be a power-of-two multiple of end_num_steps (each stage halves the step count); got start '
+          f'{start}, end {end}. E.g. start_num_steps=1024, end_num_steps=1')
+  from sferd_jax.diffusion import samplers  # pylint: disable=g-import-not-at-top
+  if config.sample.sampler not in samplers.SAMPLERS:
+    _fail('sample.sampler', f'must be one of {samplers.SAMPLERS}, got {config.sample.sampler!r}')
+  if config.sample.num_samples < 1 or config.sample.batch_size < 1:
+    _fail('sample', 'num_samples and batch_size must be >= 1')
+  if config.data.name == 'npz' and not config.data.path:
+    _fail('data.path', "name='npz' needs the path of an .npz file with an 'images' array (N, H, W, C) uint8")
+  return config
+
+
+def num_stages(config):
+  """Distillation stages: start_num_steps -> ... -> end_num_steps, halving."""
+  return int(round(math.log2(config.distill.start_num_steps / config.distill.end_num_steps)))
+
+
+def to_json(value):
+  """A ConfigDict, mapping or value as plain JSON types (tuples become lists), for saving and comparing."""
+  if isinstance(value, ml_collections.ConfigDict):
+    value = value.to_dict()
+  return json.loads(json.dumps(value, default=list))

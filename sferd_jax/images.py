@@ -1,0 +1,34 @@
+"""uint8 conversion and PNG grids of image batches."""
+
+import math
+import os
+
+import numpy as np
+
+
+def to_uint8(x):
+  """[-1, 1] floats -> uint8 [0, 255]."""
+  return np.asarray(np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255), np.uint8)
+
+
+def grid(images, *, columns=None, pad=1):
+  """(N, H, W, C) uint8 -> one (rows*(H+pad)+pad, cols*(W+pad)+pad, C) image, row-major, on a white ground."""
+  images = np.asarray(images)
+  n, h, w, c = images.shape
+  columns = columns or int(math.ceil(math.sqrt(n)))
+  rows = int(math.ceil(n / columns))
+  out = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 255, np.uint8)
+  for i, image in enumerate(images):
+    r, col = divmod(i, columns)
+    out[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = image
+  return out
+
+
+def save_grid(path, images, *, columns=None, scale=None):
+  """Writes a PNG grid; small images are enlarged (nearest) so a 16x16 sample is visible."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  image = grid(images, columns=columns)
+  scale = scale or max(1, 256 // max(np.asarray(images).shape[1], 1) // 2)
+  image = np.repeat(np.repeat(image, scale, axis=0), scale, axis=1)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)

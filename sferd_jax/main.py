@@ -1,0 +1,80 @@
+r"""sferd_jax command line: train, distill, sample and evaluate.
+
+  python -m sferd_jax.main --config=configs/quickstart.py --workdir=runs/quickstart
+  python -m sferd_jax.main --config=configs/quickstart.py --workdir=runs/quickstart --mode=sample \
+      --config.sample.num_steps=4
+
+Any config key can be overridden with --config.<key>=<value>. Running the same command again resumes.
+"""
+
+import json
+import logging as std_logging
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from sferd_jax import config as config_lib
+
+MODES = ('pipeline', 'train_teacher', 'sample')
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Path of a config file in configs/.', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder: checkpoints, exported models, samples, metrics.')
+_MODE = flags.DEFINE_enum('mode', 'pipeline', MODES, 'pipeline runs every phase in config.phases, in order.')
+
+
+class _QuietOrbax(std_logging.Filter):
+  """Orbax logs every save and restore at INFO; keep its warnings only."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+
+
+def _user_errors():
+  """Errors that are the user's to fix: shown as one clear message, without a traceback."""
+  from sferd_jax import data  # pylint: disable=g-import-not-at-top
+  from sferd_jax.training import checkpointing, loop  # pylint: disable=g-import-not-at-top
+  return (config_lib.ConfigError, checkpointing.CheckpointError, loop.TrainingDivergedError,
+          loop.IncompatibleRunError, data.DatasetNotFoundError)
+
+
+def _save_config(config, workdir):
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, f'config_{_MODE.value}.json'), 'w') as f:
+    json.dump(config.to_dict(), f, indent=2, default=list)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  std_logging.getLogger('absl').addFilter(_QuietOrbax())
+  logging.set_verbosity(logging.INFO)
+  from sferd_jax.training import pipeline, sharding  # pylint: disable=g-import-not-at-top
+  from sferd_jax import sampling  # pylint: disable=g-import-not-at-top
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  try:
+    if config is None or not workdir:
+      raise config_lib.ConfigError('pass --config=configs/<name>.py and --workdir=<run folder>')
+    config_lib.validate(config)
+    try:
+      _save_config(config, workdir)
+    except OSError as e:
+      raise config_lib.ConfigError(f'--workdir={workdir} is not writable ({e}); choose another folder') from None
+    sharding.initialize_distributed()
+    if _MODE.value == 'pipeline':
+      pipeline.run_pipeline(config, workdir)
+    elif _MODE.value == 'train_teacher':
+      pipeline.run_teacher(config, workdir)
+    elif _MODE.value == 'sample':
+      sampling.write_samples(config, workdir)
+  except _user_errors() as e:
+    logging.error('%s', e)
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,163 @@
+"""The public sampling API: `sample(params, rng, ...)` and `load(path)`.
+
+The CLI's sample mode, the notebooks, the training loop's grids and the FID evaluator all call `sample`.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from sferd_jax import images as images_lib
+from sferd_jax.diffusion import samplers
+from sferd_jax.diffusion import schedules
+from sferd_jax.models import denoiser
+from sferd_jax.models import unet
+from sferd_jax.training import checkpointing
+from sferd_jax.training import sharding
+
+DEFAULT_DIFFUSION = dict(logsnr_min=schedules.LOGSNR_MIN, logsnr_max=schedules.LOGSNR_MAX)
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """A finished, exported model: its parameters and what is needed to sample it."""
+  params: Any
+  config: ml_collections.ConfigDict   # model (architecture), diffusion, num_steps, phase, stage, ...
+  path: str
+
+  def sample(self, rng, *, num_samples, num_steps=None, **kwargs):
+    """sample() with this model's architecture and, by default, its own step count."""
+    return sample(self.params, rng, model_config=self.config.model, num_samples=num_samples,
+                  num_steps=num_steps or self.config.num_steps, diffusion_config=self.config.diffusion, **kwargs)
+
+
+def _frozen(mapping):
+  return json.dumps(dict(mapping) if not isinstance(mapping, ml_collections.ConfigDict) else mapping.to_dict(),
+                    sort_keys=True, default=list)
+
+
+@functools.lru_cache(maxsize=32)
+def _sampler(model_json, diffusion_json, sampler, clip_x, num_devices):
+  """One jitted sampling function per architecture and sampler; num_steps is traced, so it never recompiles."""
+  model_config = ml_collections.ConfigDict(json.loads(model_json))
+  diffusion_config = json.loads(diffusion_json)
+  model = unet.make_unet(model_config)
+  mesh = sharding.make_mesh(jax.devices()[:num_devices])
+  rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh, leading_axes=0)
+
+  def run(params, z, labels, rng, num_steps):
+    labels = denoiser.labels_or_none(model_config, labels)
+    denoise = lambda z_t, logsnr: denoiser.denoise(model, params, z_t, logsnr, labels,
+                                                   output_type=model_config.output_type)
+    return samplers.sample_loop(denoise_fn=denoise, z_init=z, num_steps=num_steps, rng=rng, sampler=sampler,
+                                clip_x=clip_x, **diffusion_config)
+
+  return jax.jit(run, in_shardings=(rep, data, data, rep, rep), out_shardings=data), mesh
+
+
+def initial_noise(rng, *, num_samples, shape, first_index=0):
+  """z_1 for samples first_index..first_index+num_samples-1: sample i's noise depends on (rng, i) only."""
+  keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(first_index, first_index + num_samples))
+  return jax.vmap(lambda k: jax.random.normal(k, shape))(keys)
+
+
+def sample(params, rng, *, model_config, num_samples, num_steps, labels=None, sampler='ddim', clip_x=True,
+           diffusion_config=None, batch_size=256):
+  """Draws num_samples images with num_steps steps: uint8 (N, H, W, C).
+
+  Deterministic for a given rng. Sample i starts from noise that depends only on (rng, i), so the first k images
+  do not change with num_samples or batch_size (with the DDIM sampler). Class-conditional models draw uniform
+  labels from rng unless `labels` (N,) is given. Batches are sharded over all local devices.
+  """
+  if int(num_steps) < 1:
+    raise ValueError(f'num_steps must be >= 1, got {num_steps}')
+  model_config = ml_collections.ConfigDict(model_config) if not isinstance(model_config,
+                                                                           ml_collections.ConfigDict) else model_config
+  noise_rng, label_rng, loop_rng = jax.random.split(rng, 3)
+  if labels is None:
+    labels = jax.random.randint(label_rng, (num_samples,), 0, max(model_config.num_classes, 1))
+  labels = np.asarray(labels, np.int32)
+  if labels.shape != (num_samples,):
+    raise ValueError(f'labels must have shape ({num_samples},), got {labels.shape}')
+  num_devices = jax.local_device_count()
+  run, mesh = _sampler(_frozen(model_config), _frozen(diffusion_config or DEFAULT_DIFFUSION), sampler,
+                       bool(clip_x), num_devices)
+  shape = (model_config.image_size, model_config.image_size, model_config.channels)
+  batch_size = min(batch_size, num_samples)
+  batch_size = -(-batch_size // num_devices) * num_devices  # a multiple of the device count
+  params = sharding.put_replicated(params, mesh)
+  out = []
+  for start in range(0, num_samples, batch_size):
+    n = min(batch_size, num_samples - start)
+    z = initial_noise(noise_rng, num_samples=batch_size, shape=shape, first_index=start)
+    batch_labels = np.zeros((batch_size,), np.int32)
+    batch_labels[:n] = labels[start:start + n]
+    x = run(params, z, batch_labels, jax.random.fold_in(loop_rng, start), jnp.int32(num_steps))
+    out.append(images_lib.to_uint8(jax.device_get(x))[:n])
+  return np.concatenate(out)
+
+
+def resolve_model_path(path):
+  """An export folder, a phase folder (its model/) or a run folder (its last finished stage, else its teacher)."""
+  path = os.path.abspath(path)
+  for candidate in (path, os.path.join(path, 'model')):
+    if checkpointing.is_exported(candidate):
+      return candidate
+  stages_dir = os.path.join(path, 'distill')
+  stages = []
+  if os.path.isdir(stages_dir):
+    for name in os.listdir(stages_dir):
+      model_dir = os.path.join(stages_dir, name, 'model')
+      if name.startswith('stage_') and name[6:].isdigit() and checkpointing.is_exported(model_dir):
+        stages.append((int(name[6:]), model_dir))
+  if stages:
+    return max(stages)[1]
+  teacher = os.path.join(path, 'teacher', 'model')
+  if checkpointing.is_exported(teacher):
+    return teacher
+  raise checkpointing.CheckpointError(
+      f'no exported model found at {path}: expected an export (a folder with {checkpointing.MODEL_JSON}), a phase '
+      f'folder holding model/, or a run folder with teacher/model or distill/stage_<k>/model. Train one first '
+      f'(python -m sferd_jax.main --mode=pipeline ...).')
+
+
+def abstract_params(model_config):
+  """Shapes and dtypes of a U-Net's parameters, without computing them."""
+  model = unet.make_unet(model_config)
+  return jax.eval_shape(lambda: unet.init_params(model, jax.random.key(0), model_config=model_config))
+
+
+def load(path):
+  """Loads an exported model (or the last one of a run folder): Model(params, config, path)."""
+  path = resolve_model_path(path)
+  config = ml_collections.ConfigDict(checkpointing.read_info(path))
+  params = checkpointing.load_tree(path, 'params', abstract_params(config.model))
+  return Model(params=params, config=config, path=path)
+
+
+def write_samples(config, workdir):
+  """The CLI's sample mode: a PNG grid and an .npz of config.sample.num_samples samples."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  source = config.sample.model
+  if source and not os.path.isabs(source) and os.path.exists(os.path.join(workdir, source)):
+    source = os.path.join(workdir, source)
+  model = load(source or workdir)
+  num_steps = config.sample.num_steps or model.config.num_steps
+  images = model.sample(jax.random.key(config.seed), num_samples=config.sample.num_samples, num_steps=num_steps,
+                        sampler=config.sample.sampler, clip_x=config.sample.clip_x,
+                        batch_size=config.sample.batch_size)
+  name = f'{model.config.name}_{num_steps}steps_{config.sample.sampler}'
+  out_dir = os.path.join(workdir, 'samples')
+  os.makedirs(out_dir, exist_ok=True)
+  images_lib.save_grid(os.path.join(out_dir, name + '.png'), images[:256])
+  np.savez_compressed(os.path.join(out_dir, name + '.npz'), images=images)
+  logging.info('wrote %d samples of %s (%d steps) to %s/%s.{png,npz}', len(images), model.path, num_steps, out_dir,
+               name)
+  return images

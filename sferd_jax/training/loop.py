@@ -1,0 +1,202 @@
+"""The one loop every training phase runs: data -> step -> metrics -> checkpoint -> sample grid.
+
+Phases differ only by their step function, its extra arguments (a teacher's parameters, a step count) and their
+config section. Running the same command again resumes from the last checkpoint; since batches and noise are
+functions of the step number, the resumed run computes what the uninterrupted one would have.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import numpy as np
+from absl import logging
+
+from sferd_jax import config as config_lib
+from sferd_jax import images as images_lib
+from sferd_jax.training import checkpointing
+from sferd_jax.training import sharding
+from sferd_jax.training import steps as steps_lib
+
+
+class TrainingDivergedError(FloatingPointError):
+  """The loss became NaN or infinite."""
+
+
+class IncompatibleRunError(RuntimeError):
+  """The workdir holds a run started with settings this run cannot continue."""
+
+
+@dataclasses.dataclass
+class Phase:
+  """One training phase (the teacher, a distillation stage, the semantic predictor, ...)."""
+  name: str                                     # for logs: 'teacher', 'distill stage 2/8'
+  directory: str                                # checkpoints/, samples/, metrics.jsonl, summary.json go here
+  train_config: Any                             # a training_config() section
+  step: Callable                                # step(state, batch, rng, *extra) -> (state, metrics)
+  init_state: Callable[[], Any]                 # () -> TrainState, called under jit
+  extra_args: tuple = ()                        # replicated arguments after rng (teacher params, step count)
+  meta: dict = dataclasses.field(default_factory=dict)  # must match on resume (config, teacher fingerprint)
+  sample_fn: Optional[Callable[[Any], np.ndarray]] = None  # params -> uint8 images, for grids
+
+
+def _format_eta(seconds):
+  if not math.isfinite(seconds):
+    return '?'
+  seconds = int(seconds)
+  h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+  return f'{h}h{m:02d}m' if h else f'{m}m{s:02d}s'
+
+
+def _cost_flops(compiled):
+  """Total FLOPs of one call from XLA's cost analysis (None where the backend reports none)."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  flops = (cost or {}).get('flops')
+  return float(flops) if flops and flops > 0 else None
+
+
+class MetricsLog:
+  """metrics.jsonl in the phase folder; a resumed run drops what came after its checkpoint."""
+
+  def __init__(self, directory, *, resume_step):
+    self.path = os.path.join(directory, 'metrics.jsonl')
+    if jax.process_index() != 0:
+      self.path = None
+      return
+    kept = []
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)['step'] <= resume_step]
+    with open(self.path, 'w') as f:
+      f.writelines(kept)
+
+  def write(self, record):
+    if self.path:
+      with open(self.path, 'a') as f:
+        f.write(json.dumps(record) + '\n')
+
+
+def _check_meta(phase, saved_meta):
+  saved = saved_meta.get('config', {})
+  for key, value in config_lib.to_json(phase.meta).items():
+    if key in saved and saved[key] != value:
+      raise IncompatibleRunError(
+          f'{phase.directory} holds a run of {phase.name} started with a different {key!r}:\n  saved:   '
+          f'{saved[key]}\n  now:     {value}\nIt is never overwritten. Use a new --workdir, or restore the config '
+          f'the run was started with.')
+
+
+def compile_step(step_fn, *args):
+  """AOT-compiles step_fn for args: returns (compiled, seconds, flops per call)."""
+  start = time.perf_counter()
+  compiled = step_fn.lower(*args).compile()
+  return compiled, time.perf_counter() - start, _cost_flops(compiled)
+
+
+def run_phase(phase, *, batches, mesh, rng):
+  """Trains phase to train_config.train_steps, resuming if it can. Returns (final state, summary dict)."""
+  cfg = phase.train_config
+  per_call = cfg.steps_per_call
+  if cfg.train_steps % per_call:
+    raise ValueError(f'{phase.name}: train_steps={cfg.train_steps} must be a multiple of steps_per_call={per_call}')
+  sharding.check_batch_size(cfg.batch_size, mesh)
+  os.makedirs(phase.directory, exist_ok=True)
+  ckpts = checkpointing.PhaseCheckpoints(phase.directory, keep=cfg.keep_checkpoints)
+  latest = ckpts.latest_step()
+  if latest is not None:
+    _check_meta(phase, ckpts.restore_meta(latest))  # before any compilation: a refused resume fails at once
+  state = jax.jit(phase.init_state, out_shardings=sharding.replicated(mesh))()
+  elapsed_before = 0.0
+  if latest is not None:
+    state, saved_meta = ckpts.restore(latest, state)
+    elapsed_before = saved_meta.get('elapsed_s', 0.0)
+    logging.info('%s: resuming from the checkpoint at step %d', phase.name, latest)
+  start_step = int(state.step)
+  summary_path = os.path.join(phase.directory, 'summary.json')
+  if start_step >= cfg.train_steps:
+    logging.info('%s: already trained (%d steps); skipping', phase.name, start_step)
+    ckpts.close()
+    with open(summary_path) as f:
+      return state, json.load(f)
+
+  extra = sharding.put_replicated(phase.extra_args, mesh)
+  data = batches.iterate(start_step, per_call)
+  step_fn = sharding.jit_step(steps_lib.scan_steps(phase.step), mesh, num_extra_args=len(extra))
+  first = sharding.put_batch(next(data), mesh)
+  compiled, compile_s, flops = compile_step(step_fn, state, first, rng, *extra)
+  logging.info('%s: compiled in %.1fs; %s per step', phase.name, compile_s,
+               f'{flops / per_call / 1e9:.1f} GFLOP' if flops else 'FLOPs unknown')
+
+  log = MetricsLog(phase.directory, resume_step=start_step)
+  images_per_call = cfg.batch_size * per_call
+  timer_start, timer_images = time.perf_counter(), 0
+  run_start = time.perf_counter()
+  last_record, batch = None, first
+
+  def record_of(step, metrics):
+    values = {k: float(np.mean(v)) for k, v in jax.device_get(metrics).items()}
+    if not all(math.isfinite(v) for v in values.values()):
+      raise TrainingDivergedError(
+          f'{phase.name}: the loss became {values["loss"]} by step {step} (metrics {values}). The last good '
+          f'checkpoint is kept in {ckpts.directory}. Lower the learning rate or enable/tighten grad_clip in the '
+          f'config, check the data, then run the same command again to resume.')
+    return dict(step=step, **values)
+
+  def save(step):
+    ckpts.save(step, state, {'config': config_lib.to_json(phase.meta), 'phase': phase.name, 'step': step,
+                             'elapsed_s': elapsed_before + time.perf_counter() - run_start})
+
+  def write_grid(step):
+    if phase.sample_fn is not None and jax.process_index() == 0:
+      grid_path = os.path.join(phase.directory, 'samples', f'step_{step:08d}.png')
+      images_lib.save_grid(grid_path, phase.sample_fn(state.export_params))
+      logging.info('%s: wrote %s', phase.name, grid_path)
+
+  try:
+    for step in range(start_step + per_call, cfg.train_steps + 1, per_call):
+      state, metrics = compiled(state, batch, rng, *extra)
+      timer_images += images_per_call
+      if step < cfg.train_steps:
+        batch = sharding.put_batch(next(data), mesh)  # overlaps with the device's work
+      log_now = step % cfg.log_every < per_call or step == cfg.train_steps
+      save_now = step % cfg.checkpoint_every < per_call or step == cfg.train_steps
+      if log_now or save_now:
+        last_record = record_of(step, metrics)  # waits for the device; raises before a NaN state is saved
+      if log_now:
+        seconds = time.perf_counter() - timer_start
+        last_record['images_per_s'] = timer_images / seconds
+        if flops:
+          last_record['tflops_per_s'] = flops * timer_images / images_per_call / seconds / 1e12
+        log.write(last_record)
+        eta = (cfg.train_steps - step) / (timer_images / cfg.batch_size / seconds)
+        logging.info('%s: step %d/%d (%d%%) loss %.5f grad_norm %.3f lr %.2e | %.1f img/s | ETA %s',
+                     phase.name, step, cfg.train_steps, 100 * step // cfg.train_steps, last_record['loss'],
+                     last_record['grad_norm'], last_record['learning_rate'], last_record['images_per_s'],
+                     _format_eta(eta))
+        timer_start, timer_images = time.perf_counter(), 0
+      if save_now:
+        save(step)
+      if cfg.sample_every and step % cfg.sample_every < per_call and step < cfg.train_steps:
+        write_grid(step)
+  finally:
+    data.close()
+    ckpts.wait()
+    ckpts.close()
+  write_grid(cfg.train_steps)
+  summary = dict(phase=phase.name, train_steps=cfg.train_steps, final_loss=last_record['loss'],
+                 wall_s=elapsed_before + time.perf_counter() - run_start,
+                 images_per_s=last_record['images_per_s'], compile_s=compile_s,
+                 gflop_per_step=flops / per_call / 1e9 if flops else None)
+  if jax.process_index() == 0:
+    with open(summary_path, 'w') as f:
+      json.dump(summary, f, indent=2)
+  return state, summary

@@ -1,0 +1,64 @@
+"""One code path for 1 CPU, 8 GPUs or a TPU pod: jit over a ('data',) mesh, batch sharded, the rest replicated.
+
+Batches arrive as host-local NumPy arrays (each process holds its slice of the global batch) with a leading
+steps-per-call axis: (K, local_batch, ...). They are sharded on their batch axis.
+"""
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+
+def initialize_distributed():
+  """Joins a multi-host job (TPU pods, SLURM/MPI GPU clusters); a no-op on one host."""
+  import os  # pylint: disable=g-import-not-at-top
+  multi_host_env = any(k in os.environ for k in ('JAX_COORDINATOR_ADDRESS', 'SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE',
+                                                 'TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDINATOR_ADDRESS'))
+  if multi_host_env and not jax.distributed.is_initialized():
+    jax.distributed.initialize()
+
+
+def make_mesh(devices=None):
+  devices = jax.devices() if devices is None else devices
+  return jax.make_mesh((len(devices),), ('data',), devices=devices)
+
+
+def replicated(mesh):
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh, *, leading_axes=1):
+  """Shards axis `leading_axes` (the batch axis after the steps-per-call axis) over 'data'."""
+  return NamedSharding(mesh, P(*([None] * leading_axes), 'data'))
+
+
+def check_batch_size(global_batch_size, mesh, *, what='batch_size'):
+  n = mesh.devices.size
+  if global_batch_size % n:
+    raise ValueError(f'{what}={global_batch_size} must be divisible by the number of devices ({n}); '
+                     f'use a multiple of {n}')
+
+
+def put_batch(local_batch, mesh, *, leading_axes=1):
+  """Host-local arrays (K, local_batch, ...) -> global jax.Arrays sharded over the batch axis."""
+  sharding = batch_sharding(mesh, leading_axes=leading_axes)
+
+  def put(x):
+    x = np.asarray(x)
+    global_shape = list(x.shape)
+    global_shape[leading_axes] *= jax.process_count()
+    return jax.make_array_from_process_local_data(sharding, x, tuple(global_shape))
+
+  return jax.tree.map(put, local_batch)
+
+
+def put_replicated(tree, mesh):
+  return jax.device_put(tree, replicated(mesh))
+
+
+def jit_step(step, mesh, *, num_extra_args=0):
+  """jit(step)(state, batches, rng, *extra): state donated and replicated, batches sharded."""
+  rep = replicated(mesh)
+  return jax.jit(step, in_shardings=(rep, batch_sharding(mesh), rep) + (rep,) * num_extra_args,
+                 out_shardings=(rep, rep), donate_argnums=(0,))

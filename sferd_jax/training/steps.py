@@ -1,0 +1,66 @@
+"""One pure step per phase. Each takes (state, batch, rng, *extra) and returns (state, metrics).
+
+The step folds the state's step counter into the base key, so a resumed run draws the same noise as an
+uninterrupted one. `scan_steps` runs several steps per host call.
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sferd_jax.diffusion import losses
+from sferd_jax.diffusion import process
+from sferd_jax.diffusion import schedules
+from sferd_jax.models import denoiser
+from sferd_jax.training import state as state_lib
+
+
+def _noise_batch(rng, x, *, logsnr_fn):
+  """Uniform t, its log-SNR, Gaussian noise and z_t for a batch of clean images."""
+  t_rng, eps_rng = jax.random.split(rng)
+  t = jax.random.uniform(t_rng, (x.shape[0],))
+  logsnr = logsnr_fn(t)
+  eps = jax.random.normal(eps_rng, x.shape, x.dtype)
+  return process.diffuse(x=x, eps=eps, logsnr=logsnr), eps, logsnr
+
+
+def _finish(state, grads, loss, *, tx, ema_decay, schedule):
+  new_state = state_lib.apply_gradients(state, grads, tx=tx, ema_decay=ema_decay)
+  metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
+             'learning_rate': schedule(state.step)}
+  return new_state, metrics
+
+
+def make_teacher_step(*, model, model_config, diffusion_config, train_config, tx, schedule):
+  """The base diffusion model's step: denoise z_t at a uniformly drawn t."""
+  logsnr_fn = lambda t: schedules.cosine_logsnr(t, **diffusion_config)
+
+  def step(state, batch, rng):
+    rng = jax.random.fold_in(rng, state.step)
+    noise_rng, dropout_rng = jax.random.split(rng)
+    x = batch['image']
+    labels = denoiser.labels_or_none(model_config, batch['label'])
+    z, eps, logsnr = _noise_batch(noise_rng, x, logsnr_fn=logsnr_fn)
+
+    def loss_fn(params):
+      pred = denoiser.denoise(model, params, z, logsnr, labels, output_type=model_config.output_type, train=True,
+                              dropout_rng=dropout_rng)
+      return jnp.mean(losses.denoising_loss(pred=pred, x_target=x, eps_target=eps, logsnr=logsnr,
+                                            loss_type=train_config.loss))
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    return _finish(state, grads, loss, tx=tx, ema_decay=train_config.ema_decay, schedule=schedule)
+
+  return step
+
+
+def scan_steps(step):
+  """Runs step over a leading axis of batches (steps_per_call of them); metrics come back stacked.
+
+  XLA:CPU runs a U-Net step inside a while loop ~35x slower than outside one (measured: 27 s vs 0.8 s per step
+  for the quickstart net), so on CPU the scan is unrolled; on GPU/TPU the rolled loop keeps compilation short.
+  """
+  def multi_step(state, batches, rng, *extra):
+    return jax.lax.scan(lambda s, b: step(s, b, rng, *extra), state, batches,
+                        unroll=jax.default_backend() == 'cpu')
+  return multi_step

@@ -1,0 +1,215 @@
+"""The training core: sharded == single device, checkpoints, resume == uninterrupted, bad input."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sferd_jax import config as config_lib
+from sferd_jax import sampling
+from sferd_jax.models import unet
+from sferd_jax.training import checkpointing
+from sferd_jax.training import loop
+from sferd_jax.training import pipeline
+from sferd_jax.training import sharding
+from sferd_jax.training import state as state_lib
+from sferd_jax.training import steps as steps_lib
+import tiny
+
+
+def _teacher_setup(config):
+  tx, schedule = state_lib.make_optimizer(config.teacher.optimizer, config.teacher.train_steps)
+  model = unet.make_unet(config.model)
+  step = steps_lib.make_teacher_step(model=model, model_config=config.model,
+                                     diffusion_config=config.diffusion.to_dict(), train_config=config.teacher, tx=tx,
+                                     schedule=schedule)
+  init = pipeline.init_fn(config, config.teacher, tx)
+  return step, init
+
+
+def _batch(config, steps=1):
+  batches = pipeline.make_batches(config, config.teacher)
+  return batches.get(0, steps)
+
+
+def _run_step(step, init, batch, devices):
+  mesh = sharding.make_mesh(devices)
+  state = jax.jit(init, out_shardings=sharding.replicated(mesh))()
+  fn = sharding.jit_step(steps_lib.scan_steps(step), mesh)
+  new_state, metrics = fn(state, sharding.put_batch(batch, mesh), jax.random.key(0))
+  return jax.device_get(new_state), jax.device_get(metrics)
+
+
+def test_sharded_teacher_step_equals_single_device():
+  assert jax.device_count() == 4
+  config = tiny.load_config()
+  step, init = _teacher_setup(config)
+  batch = _batch(config, steps=2)
+  one, m1 = _run_step(step, init, batch, jax.devices()[:1])
+  four, m4 = _run_step(step, init, batch, jax.devices())
+  np.testing.assert_allclose(m1['loss'], m4['loss'], rtol=1e-5)
+  assert int(one.step) == int(four.step) == 2
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), one.params, four.params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), one.ema_params, four.ema_params)
+
+
+def test_step_is_deterministic_and_uses_the_step_counter_for_noise():
+  config = tiny.load_config()
+  step, init = _teacher_setup(config)
+  batch = jax.tree.map(lambda x: x[0], _batch(config))
+  state = jax.jit(init)()
+  run = jax.jit(step)
+  _, a = run(state, batch, jax.random.key(0))
+  _, b = run(state, batch, jax.random.key(0))
+  _, c = run(state.replace(step=state.step + 1), batch, jax.random.key(0))
+  assert float(a['loss']) == float(b['loss'])
+  assert float(a['loss']) != float(c['loss'])
+
+
+def test_checkpoint_save_restore_round_trip(tmp_path):
+  config = tiny.load_config()
+  _, init = _teacher_setup(config)
+  state = jax.jit(init)()
+  state = state.replace(step=jnp.int32(7), params=jax.tree.map(lambda p: p + 0.5, state.params))
+  ckpts = checkpointing.PhaseCheckpoints(str(tmp_path), keep=2)
+  ckpts.save(7, state, {'config': {'a': 1}, 'step': 7})
+  ckpts.wait()
+  fresh = jax.jit(init)()
+  restored, meta = ckpts.restore(ckpts.latest_step(), fresh)
+  ckpts.close()
+  assert meta['step'] == 7 and int(restored.step) == 7
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))
+
+
+class _Interrupting:
+  """Wraps Batches; its iterator raises KeyboardInterrupt (a kill) when asked for batch number `after`."""
+
+  def __init__(self, batches, after):
+    self.batches, self.after = batches, after
+
+  def iterate(self, start, per_call):
+    inner = self.batches.iterate(start, per_call)
+    outer = self
+
+    class It:
+      count = 0
+
+      def __next__(self):
+        It.count += 1
+        if It.count == outer.after:
+          inner.close()
+          raise KeyboardInterrupt('killed')
+        return next(inner)
+
+      def close(self):
+        inner.close()
+
+    return It()
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, 'teacher', 'metrics.jsonl')) as f:
+    return [{k: v for k, v in json.loads(line).items() if k in ('step', 'loss', 'grad_norm')} for line in f]
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
+  config = tiny.load_config(**{'teacher.log_every': 1})
+  straight = str(tmp_path / 'straight')
+  pipeline.run_teacher(config, straight)
+
+  resumed = str(tmp_path / 'resumed')
+  real = pipeline.make_batches
+  monkeypatch.setattr(pipeline, 'make_batches', lambda *a, **k: _Interrupting(real(*a, **k), after=4))
+  with pytest.raises(KeyboardInterrupt):
+    pipeline.run_teacher(config, resumed)  # killed after step 3; the last checkpoint is step 2
+  assert checkpointing.PhaseCheckpoints(os.path.join(resumed, 'teacher'), keep=2).latest_step() == 2
+  assert not checkpointing.is_exported(os.path.join(resumed, 'teacher', 'model'))
+  monkeypatch.setattr(pipeline, 'make_batches', real)
+  pipeline.run_teacher(config, resumed)
+
+  a, b = sampling.load(straight), sampling.load(resumed)
+  jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+  assert _metrics(straight) == _metrics(resumed)
+  # A finished phase is skipped, and its export is never rewritten.
+  mtime = os.path.getmtime(os.path.join(resumed, 'teacher', 'model', 'model.json'))
+  pipeline.run_teacher(config, resumed)
+  assert os.path.getmtime(os.path.join(resumed, 'teacher', 'model', 'model.json')) == mtime
+  with pytest.raises(checkpointing.CheckpointError, match='never overwritten'):
+    checkpointing.export_model(os.path.join(resumed, 'teacher', 'model'), trees={'params': a.params}, info={})
+  # The export loads with its config, and samples.
+  assert b.config.model.to_dict() == config_lib.to_json(config.model) and b.config.phase == 'teacher'
+  images = b.sample(jax.random.key(0), num_samples=3, num_steps=2)
+  assert images.shape == (3, 8, 8, 1) and images.dtype == np.uint8
+
+
+def test_resume_with_another_architecture_is_refused(tmp_path, monkeypatch):
+  config = tiny.load_config()
+  workdir = str(tmp_path / 'run')
+  real = pipeline.make_batches
+  monkeypatch.setattr(pipeline, 'make_batches', lambda *a, **k: _Interrupting(real(*a, **k), after=4))
+  with pytest.raises(KeyboardInterrupt):
+    pipeline.run_teacher(config, workdir)
+  monkeypatch.setattr(pipeline, 'make_batches', real)
+  changed = tiny.load_config(**{'model.ch': 32})
+  with pytest.raises(loop.IncompatibleRunError, match="different 'model'"):
+    pipeline.run_teacher(changed, workdir)
+
+
+def test_nan_loss_stops_with_a_clear_error_and_saves_nothing(tmp_path, monkeypatch):
+  config = tiny.load_config()
+  real = pipeline.make_batches
+
+  class NaNBatches:
+    def __init__(self, batches):
+      self.batches = batches
+
+    def iterate(self, start, per_call):
+      inner = self.batches.iterate(start, per_call)
+
+      class It:
+        def __next__(self):
+          batch = next(inner)
+          return dict(batch, image=np.full_like(batch['image'], np.nan))
+
+        def close(self):
+          inner.close()
+
+      return It()
+
+  monkeypatch.setattr(pipeline, 'make_batches', lambda *a, **k: NaNBatches(real(*a, **k)))
+  with pytest.raises(loop.TrainingDivergedError, match='Lower the learning rate'):
+    pipeline.run_teacher(config, str(tmp_path))
+  assert checkpointing.PhaseCheckpoints(str(tmp_path / 'teacher'), keep=2).latest_step() is None
+
+
+def test_corrupt_checkpoint_gives_a_clear_error(tmp_path, monkeypatch):
+  config = tiny.load_config()
+  real = pipeline.make_batches
+  monkeypatch.setattr(pipeline, 'make_batches', lambda *a, **k: _Interrupting(real(*a, **k), after=4))
+  with pytest.raises(KeyboardInterrupt):
+    pipeline.run_teacher(config, str(tmp_path))
+  monkeypatch.setattr(pipeline, 'make_batches', real)
+  state_dir = tmp_path / 'teacher' / 'checkpoints' / '2' / 'state'
+  for root, _, files in os.walk(state_dir):
+    for name in files:
+      with open(os.path.join(root, name), 'wb') as f:
+        f.write(b'garbage')
+  with pytest.raises(checkpointing.CheckpointError, match='Move that folder aside'):
+    pipeline.run_teacher(config, str(tmp_path))
+
+
+def test_load_errors_name_the_problem(tmp_path):
+  with pytest.raises(checkpointing.CheckpointError, match='no exported model found'):
+    sampling.load(str(tmp_path))
+  with pytest.raises(checkpointing.CheckpointError, match='does not exist'):
+    checkpointing.read_info(str(tmp_path / 'nothing'))
+
+
+def test_unwritable_workdir(tmp_path):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('not a folder')
+  with pytest.raises(checkpointing.CheckpointError, match='--workdir'):
+    checkpointing.PhaseCheckpoints(str(blocker / 'teacher'), keep=1)
