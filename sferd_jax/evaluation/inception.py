@@ -27,7 +27,7 @@ from sferd_jax.evaluation import metrics
 
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
-NUM_CLASSES = 1008  # The TF graph's softmax layer: 1000 ImageNet classes + 8 unused ones.
+NUM_CLASSES = 1008  # The TF graph's softmax layer: ImageNet's 1000 classes plus unused extra outputs.
 EXTRACTOR_NAME = 'inception-2015-12-05'
 BN_EPS = 1e-3
 _EXPORT_HINT = ('Make it with `python -m sferd_jax.evaluation.export_inception SRC.pt OUT.npz`, where SRC.pt is '
