@@ -10,7 +10,7 @@ from sferd_jax import config as config_lib
 
 def get_config():
   config = config_lib.base_config()
-  config.phases = ('teacher',)
+  config.phases = ('teacher', 'distill')
   config.data.name = 'digits'
   config.model.update(image_size=8, channels=1, ch=16, emb_ch=32, ch_mult=(1, 2), num_res_blocks=1,
                       attn_resolutions=(4,), num_heads=2, head_dim=None, dropout=0.0, output_type='x')

@@ -19,7 +19,7 @@ from ml_collections import config_flags
 
 from sferd_jax import config as config_lib
 
-MODES = ('pipeline', 'train_teacher', 'sample')
+MODES = ('pipeline', 'train_teacher', 'distill', 'sample')
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path of a config file in configs/.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder: checkpoints, exported models, samples, metrics.')
@@ -68,6 +68,8 @@ def main(argv):
       pipeline.run_pipeline(config, workdir)
     elif _MODE.value == 'train_teacher':
       pipeline.run_teacher(config, workdir)
+    elif _MODE.value == 'distill':
+      pipeline.run_distill(config, workdir)
     elif _MODE.value == 'sample':
       sampling.write_samples(config, workdir)
   except _user_errors() as e:

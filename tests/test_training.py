@@ -85,29 +85,31 @@ def test_checkpoint_save_restore_round_trip(tmp_path):
 
 
 class _Interrupting:
-  """Wraps Batches; its iterator raises KeyboardInterrupt (a kill) when asked for batch number `after`."""
+  """Wraps Batches: the iterator of its `on_call`-th iterate() (i.e. of that phase or stage) raises
+  KeyboardInterrupt, like a kill, when asked for its batch number `after`."""
 
-  def __init__(self, batches, after):
-    self.batches, self.after = batches, after
+  def __init__(self, batches, after, on_call=1):
+    self.batches, self.after, self.on_call, self.calls = batches, after, on_call, 0
 
   def iterate(self, start, per_call):
+    self.calls += 1
     inner = self.batches.iterate(start, per_call)
-    outer = self
+    return _Killing(inner, self.after) if self.calls == self.on_call else inner
 
-    class It:
-      count = 0
 
-      def __next__(self):
-        It.count += 1
-        if It.count == outer.after:
-          inner.close()
-          raise KeyboardInterrupt('killed')
-        return next(inner)
+class _Killing:
 
-      def close(self):
-        inner.close()
+  def __init__(self, inner, after):
+    self.inner, self.after, self.count = inner, after, 0
 
-    return It()
+  def __next__(self):
+    self.count += 1
+    if self.count == self.after:
+      raise KeyboardInterrupt('killed')
+    return next(self.inner)
+
+  def close(self):
+    self.inner.close()
 
 
 def _metrics(workdir):

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import time
+import weakref
 from typing import Any, Callable, Optional
 
 import jax
@@ -95,11 +96,24 @@ def _check_meta(phase, saved_meta):
           f'the run was started with.')
 
 
-def compile_step(step_fn, *args):
-  """AOT-compiles step_fn for args: returns (compiled, seconds, flops per call)."""
+# step function -> {argument signature: (compiled, seconds, flops)}. Distillation stages pass the same step
+# function with same-shaped arguments (a teacher's params, a traced step count), so all stages share one executable.
+_COMPILED = weakref.WeakKeyDictionary()
+
+
+def compile_step(step, mesh, args):
+  """AOT-compiles scan_steps(step) over mesh for args, once per (step, signature): (compiled, seconds, flops)."""
+  leaves, treedef = jax.tree.flatten(args)
+  signature = (mesh, treedef, tuple((x.shape, x.dtype, getattr(x, 'sharding', None)) for x in leaves))
+  cache = _COMPILED.setdefault(step, {})
+  if signature in cache:
+    compiled, _, flops = cache[signature]
+    return compiled, 0.0, flops
   start = time.perf_counter()
-  compiled = step_fn.lower(*args).compile()
-  return compiled, time.perf_counter() - start, _cost_flops(compiled)
+  jitted = sharding.jit_step(steps_lib.scan_steps(step), mesh, num_extra_args=len(args) - 3)
+  compiled = jitted.lower(*args).compile()
+  cache[signature] = (compiled, time.perf_counter() - start, _cost_flops(compiled))
+  return cache[signature]
 
 
 def run_phase(phase, *, batches, mesh, rng):
@@ -130,10 +144,10 @@ def run_phase(phase, *, batches, mesh, rng):
 
   extra = sharding.put_replicated(phase.extra_args, mesh)
   data = batches.iterate(start_step, per_call)
-  step_fn = sharding.jit_step(steps_lib.scan_steps(phase.step), mesh, num_extra_args=len(extra))
   first = sharding.put_batch(next(data), mesh)
-  compiled, compile_s, flops = compile_step(step_fn, state, first, rng, *extra)
-  logging.info('%s: compiled in %.1fs; %s per step', phase.name, compile_s,
+  compiled, compile_s, flops = compile_step(phase.step, mesh, (state, first, rng) + tuple(extra))
+  logging.info('%s: %s; %s per step', phase.name,
+               f'compiled in {compile_s:.1f}s' if compile_s else 'reusing the compiled step',
                f'{flops / per_call / 1e9:.1f} GFLOP' if flops else 'FLOPs unknown')
 
   log = MetricsLog(phase.directory, resume_step=start_step)

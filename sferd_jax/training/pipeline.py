@@ -2,16 +2,22 @@
 
 Layout of a run folder (--workdir):
   teacher/                   checkpoints/, samples/, metrics.jsonl, summary.json, model/ (the exported teacher)
-  distill/stage_<k>/         the same, per distillation stage; model/ is the stage's student
+  distill/stage_<k>/         the same, per distillation stage; model/ is the stage's student, stage k+1's teacher
+  distill/stages.{json,md}   the stage table: student steps, final loss, wall time, images/s
+  samples/                   the teacher's and each student's samples side by side
 """
 
+import json
 import os
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
 from sferd_jax import config as config_lib
 from sferd_jax import data as data_lib
+from sferd_jax import images as images_lib
 from sferd_jax import sampling
 from sferd_jax.models import unet
 from sferd_jax.training import checkpointing
@@ -101,11 +107,119 @@ def run_teacher(config, workdir, *, mesh=None):
   return export_path
 
 
+def teacher_path(config, workdir):
+  """The model stage 1 distils: config.distill.teacher, or the teacher phase's export in the workdir."""
+  return os.path.abspath(config.distill.teacher or os.path.join(workdir, 'teacher', 'model'))
+
+
+def stage_dir(workdir, stage):
+  return os.path.join(workdir, 'distill', f'stage_{stage}')
+
+
+def check_teacher(config, workdir):
+  """Fails before any work when the teacher to distil is missing or has another architecture."""
+  path = teacher_path(config, workdir)
+  if not checkpointing.is_exported(path):
+    raise checkpointing.CheckpointError(
+        f'no teacher to distil at {path}. Train one first (--mode=train_teacher, or put "teacher" in '
+        f'config.phases), or point config.distill.teacher at an exported model folder.')
+  check_architecture(path, config)
+  return path
+
+
+def run_distill(config, workdir, *, mesh=None):
+  """Progressive distillation, start_num_steps -> end_num_steps, halving; resumes the unfinished stage.
+
+  Stage k trains a student of start / 2^k steps, initialised from its teacher (stage k-1's student) with a fresh
+  optimizer, and exports it to distill/stage_<k>/model. All stages share one compiled step.
+  """
+  teacher = check_teacher(config, workdir)
+  mesh = mesh or sharding.make_mesh()
+  train_config = config.distill
+  num_stages = config_lib.num_stages(config)
+  model = unet.make_unet(config.model)
+  tx, schedule = state_lib.make_optimizer(train_config.optimizer, train_config.train_steps)
+  step = steps_lib.make_distill_step(model=model, model_config=config.model,
+                                     diffusion_config=config.diffusion.to_dict(), train_config=train_config, tx=tx,
+                                     schedule=schedule, teacher_fn=steps_lib.plain_teacher(model, config.model))
+  batches = make_batches(config, train_config, seed_offset=1)
+  rows = []
+  for stage in range(1, num_stages + 1):
+    student_steps = config.distill.start_num_steps // 2**stage
+    directory = stage_dir(workdir, stage)
+    export_path = os.path.join(directory, 'model')
+    if checkpointing.is_exported(export_path):
+      check_architecture(export_path, config)
+      info = checkpointing.read_info(export_path)
+      logging.info('distill stage %d: finished and exported at %s; skipping', stage, export_path)
+    else:
+      teacher_params = sampling.load(teacher).params
+      name = f'distill stage {stage}/{num_stages} ({2 * student_steps} -> {student_steps} steps)'
+      phase = loop.Phase(
+          name=name, directory=directory, train_config=train_config, step=step,
+          init_state=init_fn(config, train_config, tx, params=teacher_params),
+          extra_args=(teacher_params, jnp.int32(student_steps)),
+          meta=dict(model=config.model.to_dict(), diffusion=config.diffusion.to_dict(), data=data_config(config),
+                    seed=config.seed, loss=train_config.loss, student_steps=student_steps,
+                    teacher=checkpointing.fingerprint(teacher_params)),
+          sample_fn=grid_sampler(config, student_steps))
+      # Each stage draws its own examples and noise: the stage number offsets the seed.
+      state, summary = loop.run_phase(phase, batches=batches, mesh=mesh,
+                                      rng=jax.random.fold_in(jax.random.key(config.seed + 1), stage))
+      info = model_info(config, name=f'stage_{stage}', phase='distill', num_steps=student_steps, stage=stage,
+                        teacher=teacher, teacher_fingerprint=phase.meta['teacher'], summary=summary)
+      checkpointing.export_model(export_path, trees={'params': state.export_params}, info=info)
+      logging.info('%s: exported to %s', name, export_path)
+    rows.append(dict(stage=stage, teacher_steps=2 * student_steps, student_steps=student_steps,
+                     **{k: info['summary'][k] for k in ('final_loss', 'wall_s', 'images_per_s', 'compile_s')}))
+    teacher = export_path
+  write_stage_table(os.path.join(workdir, 'distill'), rows)
+  return teacher
+
+
+def write_stage_table(directory, rows):
+  """distill/stages.json and stages.md: one row per stage."""
+  if jax.process_index() != 0:
+    return
+  with open(os.path.join(directory, 'stages.json'), 'w') as f:
+    json.dump(rows, f, indent=2)
+  lines = ['| stage | steps (teacher -> student) | final loss | wall time | images/s | compile s |',
+           '|---|---|---|---|---|---|']
+  lines += [f"| {r['stage']} | {r['teacher_steps']} -> {r['student_steps']} | {r['final_loss']:.5f} | "
+            f"{r['wall_s']:.0f} s | {r['images_per_s']:.1f} | {r['compile_s']:.1f} |" for r in rows]
+  with open(os.path.join(directory, 'stages.md'), 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+
+
+def write_comparison(config, workdir, *, student_steps=(4, 2, 1), num_samples=8):
+  """samples/comparison.png: the teacher (top row) and the students of `student_steps` from the same noise."""
+  rows, names = [], []
+  candidates = [('teacher', os.path.join(workdir, 'teacher', 'model'))]
+  for stage in range(1, config_lib.num_stages(config) + 1):
+    if config.distill.start_num_steps // 2**stage in student_steps:
+      candidates.append((f'stage_{stage}', os.path.join(stage_dir(workdir, stage), 'model')))
+  for name, path in candidates:
+    if checkpointing.is_exported(path):
+      model = sampling.load(path)
+      rows.append(model.sample(jax.random.key(config.seed), num_samples=num_samples))
+      names.append(f'{name} ({model.config.num_steps} steps)')
+  if rows and jax.process_index() == 0:
+    path = os.path.join(workdir, 'samples', 'comparison.png')
+    images_lib.save_grid(path, np.concatenate(rows), columns=num_samples)
+    with open(os.path.join(workdir, 'samples', 'comparison.txt'), 'w') as f:
+      f.write('rows, top to bottom:\n' + '\n'.join(names) + '\n')
+    logging.info('wrote %s: rows %s', path, ', '.join(names))
+
+
 def run_pipeline(config, workdir):
   """Runs every phase in config.phases, in order, skipping finished ones."""
   mesh = sharding.make_mesh()
-  runners = {'teacher': run_teacher}
+  if 'distill' in config.phases and 'teacher' not in config.phases:
+    check_teacher(config, workdir)  # fail before any work, not after the phases before it
+  runners = {'teacher': run_teacher, 'distill': run_distill}
   for phase in config.phases:
     if phase not in runners:
       raise config_lib.ConfigError(f'config.phases: phase {phase!r} is not available in this version')
     runners[phase](config, workdir, mesh=mesh)
+  if 'distill' in config.phases:
+    write_comparison(config, workdir)

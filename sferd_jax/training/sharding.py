@@ -20,8 +20,10 @@ def initialize_distributed():
 
 
 def make_mesh(devices=None):
+  """A 1-D ('data',) mesh. Auto axes: shardings live on jit's boundaries, not in array types (jax.make_mesh's
+  default in JAX >= 0.7 is Explicit, which would make every traced shape carry its sharding)."""
   devices = jax.devices() if devices is None else devices
-  return jax.make_mesh((len(devices),), ('data',), devices=devices)
+  return jax.make_mesh((len(devices),), ('data',), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
 
 
 def replicated(mesh):

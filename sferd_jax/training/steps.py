@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sferd_jax.diffusion import distillation
 from sferd_jax.diffusion import losses
 from sferd_jax.diffusion import process
 from sferd_jax.diffusion import schedules
@@ -46,6 +47,47 @@ def make_teacher_step(*, model, model_config, diffusion_config, train_config, tx
       pred = denoiser.denoise(model, params, z, logsnr, labels, output_type=model_config.output_type, train=True,
                               dropout_rng=dropout_rng)
       return jnp.mean(losses.denoising_loss(pred=pred, x_target=x, eps_target=eps, logsnr=logsnr,
+                                            loss_type=train_config.loss))
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    return _finish(state, grads, loss, tx=tx, ema_decay=train_config.ema_decay, schedule=schedule)
+
+  return step
+
+
+def plain_teacher(model, model_config):
+  """(teacher params, labels) -> denoise_fn(z, logsnr): the teacher as progressive distillation uses it."""
+  def make(params, labels):
+    return lambda z, logsnr: denoiser.denoise(model, params, z, logsnr, labels, output_type=model_config.output_type)
+  return make
+
+
+def make_distill_step(*, model, model_config, diffusion_config, train_config, tx, schedule, teacher_fn):
+  """The progressive-distillation step: step(state, batch, rng, teacher_params, num_student_steps).
+
+  The teacher's parameters and the student's step count are arguments (the count traced), so one compilation
+  serves every stage of a run. teacher_fn(params, labels) -> denoise_fn builds the teacher's prediction (plain,
+  or attention-guided); no gradient reaches it.
+  """
+  logsnr_fn = lambda t: schedules.cosine_logsnr(t, **diffusion_config)
+
+  def step(state, batch, rng, teacher_params, num_student_steps):
+    rng = jax.random.fold_in(rng, state.step)
+    step_rng, noise_rng, dropout_rng = jax.random.split(rng, 3)
+    x = batch['image']
+    labels = denoiser.labels_or_none(model_config, batch['label'])
+    i = jax.random.randint(step_rng, (x.shape[0],), 0, num_student_steps)
+    logsnr = distillation.student_noise_level(i=i, num_steps=num_student_steps, logsnr_fn=logsnr_fn)
+    eps = jax.random.normal(noise_rng, x.shape, x.dtype)
+    z = process.diffuse(x=x, eps=eps, logsnr=logsnr)
+    teacher = teacher_fn(jax.lax.stop_gradient(teacher_params), labels)
+    target = jax.lax.stop_gradient(distillation.student_target(teacher_fn=teacher, z=z, i=i,
+                                                               num_steps=num_student_steps, logsnr_fn=logsnr_fn))
+
+    def loss_fn(params):
+      pred = denoiser.denoise(model, params, z, logsnr, labels, output_type=model_config.output_type, train=True,
+                              dropout_rng=dropout_rng)
+      return jnp.mean(losses.denoising_loss(pred=pred, x_target=target.x, eps_target=target.eps, logsnr=logsnr,
                                             loss_type=train_config.loss))
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)

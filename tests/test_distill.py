@@ -1,0 +1,146 @@
+"""Progressive distillation end to end on the tiny config: stages, handoff, one compilation, resume, bad input."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from sferd_jax import config as config_lib
+from sferd_jax import sampling
+from sferd_jax.models import unet
+from sferd_jax.training import checkpointing
+from sferd_jax.training import loop
+from sferd_jax.training import pipeline
+from sferd_jax.training import sharding
+from sferd_jax.training import state as state_lib
+from sferd_jax.training import steps as steps_lib
+import test_training
+import tiny
+
+
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory):
+  """The tiny pipeline (teacher, then 4 -> 2 -> 1 steps), counting how often the distill step is traced."""
+  traces = []
+  real = steps_lib.make_distill_step
+
+  def counting(**kwargs):
+    step = real(**kwargs)
+
+    def traced(*args):
+      traces.append(1)
+      return step(*args)
+    return traced
+
+  steps_lib.make_distill_step = counting
+  try:
+    workdir = str(tmp_path_factory.mktemp('tiny_run'))
+    pipeline.run_pipeline(tiny.load_config(), workdir)
+  finally:
+    steps_lib.make_distill_step = real
+  return workdir, traces
+
+
+def test_one_compilation_serves_every_stage(tiny_run):
+  workdir, traces = tiny_run
+  assert len(traces) == 1
+  with open(os.path.join(workdir, 'distill', 'stages.json')) as f:
+    rows = json.load(f)
+  assert [(r['stage'], r['teacher_steps'], r['student_steps']) for r in rows] == [(1, 4, 2), (2, 2, 1)]
+  assert rows[0]['compile_s'] > 0 and rows[1]['compile_s'] == 0
+  assert all(np.isfinite(r['final_loss']) and r['images_per_s'] > 0 for r in rows)
+  with open(os.path.join(workdir, 'distill', 'stages.md')) as f:
+    assert f.read().count('\n') == 4
+
+
+def test_stage_handoff_student_becomes_next_teacher(tiny_run):
+  workdir, _ = tiny_run
+  stage1 = sampling.load(os.path.join(workdir, 'distill', 'stage_1'))
+  info2 = checkpointing.read_info(os.path.join(workdir, 'distill', 'stage_2', 'model'))
+  assert info2['teacher'] == stage1.path
+  assert info2['teacher_fingerprint'] == checkpointing.fingerprint(stage1.params)
+  teacher = sampling.load(os.path.join(workdir, 'teacher'))
+  info1 = checkpointing.read_info(stage1.path)
+  assert info1['teacher_fingerprint'] == checkpointing.fingerprint(teacher.params)
+  # Stage 1's student started from the teacher and moved away from it.
+  assert checkpointing.fingerprint(stage1.params) != checkpointing.fingerprint(teacher.params)
+
+
+def test_every_stage_loads_and_samples_at_its_own_step_count(tiny_run):
+  workdir, _ = tiny_run
+  for path, steps in (('teacher', 4), ('distill/stage_1', 2), ('distill/stage_2', 1)):
+    model = sampling.load(os.path.join(workdir, path))
+    assert model.config.num_steps == steps
+    images = model.sample(jax.random.key(1), num_samples=2)
+    assert images.shape == (2, 8, 8, 1)
+  assert sampling.load(workdir).config.name == 'stage_2'  # a run folder loads its last stage
+  assert os.path.exists(os.path.join(workdir, 'samples', 'comparison.png'))
+
+
+def test_distill_kill_and_resume_equals_uninterrupted(tiny_run, tmp_path, monkeypatch):
+  """Both runs distil the same exported teacher; one is killed in stage 2 (after its checkpoint at step 2)."""
+  workdir, _ = tiny_run
+  config = tiny.load_config(**{'distill.teacher': os.path.join(workdir, 'teacher', 'model'),
+                               'distill.train_steps': 4, 'distill.checkpoint_every': 2})
+  straight = str(tmp_path / 'straight')
+  pipeline.run_distill(config, straight)
+  resumed = str(tmp_path / 'resumed')
+  real = pipeline.make_batches
+  monkeypatch.setattr(pipeline, 'make_batches',
+                      lambda *a, **k: test_training._Interrupting(real(*a, **k), after=4, on_call=2))
+  with pytest.raises(KeyboardInterrupt):
+    pipeline.run_distill(config, resumed)
+  assert checkpointing.is_exported(os.path.join(resumed, 'distill', 'stage_1', 'model'))
+  assert not checkpointing.is_exported(os.path.join(resumed, 'distill', 'stage_2', 'model'))
+  monkeypatch.setattr(pipeline, 'make_batches', real)
+  pipeline.run_distill(config, resumed)
+  for stage in (1, 2):
+    a = sampling.load(os.path.join(straight, 'distill', f'stage_{stage}'))
+    b = sampling.load(os.path.join(resumed, 'distill', f'stage_{stage}'))
+    jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+  tables = []
+  for run in (straight, resumed):
+    with open(os.path.join(run, 'distill', 'stages.json')) as f:
+      tables.append([(r['stage'], r['student_steps'], r['final_loss']) for r in json.load(f)])
+  assert tables[0] == tables[1]
+
+
+def test_sharded_distill_step_equals_single_device(tiny_run):
+  workdir, _ = tiny_run
+  config = tiny.load_config()
+  teacher = sampling.load(os.path.join(workdir, 'teacher')).params
+  model = unet.make_unet(config.model)
+  tx, schedule = state_lib.make_optimizer(config.distill.optimizer, config.distill.train_steps)
+  step = steps_lib.make_distill_step(model=model, model_config=config.model,
+                                     diffusion_config=config.diffusion.to_dict(), train_config=config.distill, tx=tx,
+                                     schedule=schedule, teacher_fn=steps_lib.plain_teacher(model, config.model))
+  batch = pipeline.make_batches(config, config.distill).get(0, 2)
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()):
+    mesh = sharding.make_mesh(devices)
+    state = jax.jit(pipeline.init_fn(config, config.distill, tx, params=teacher),
+                    out_shardings=sharding.replicated(mesh))()
+    fn = sharding.jit_step(steps_lib.scan_steps(step), mesh, num_extra_args=2)
+    extra = sharding.put_replicated((teacher, np.int32(2)), mesh)
+    results.append(jax.device_get(fn(state, sharding.put_batch(batch, mesh), jax.random.key(0), *extra)))
+  (one, m1), (four, m4) = results
+  np.testing.assert_allclose(m1['loss'], m4['loss'], rtol=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), one.params, four.params)
+
+
+def test_bad_distillation_input_fails_before_any_work(tiny_run, tmp_path):
+  workdir, _ = tiny_run
+  with pytest.raises(config_lib.ConfigError, match='power-of-two multiple'):
+    config_lib.validate(tiny.load_config(**{'distill.start_num_steps': 12, 'distill.end_num_steps': 1}))
+  with pytest.raises(config_lib.ConfigError, match='power-of-two multiple'):
+    config_lib.validate(tiny.load_config(**{'distill.start_num_steps': 2, 'distill.end_num_steps': 4}))
+  config_lib.validate(tiny.load_config(**{'distill.start_num_steps': 8, 'distill.end_num_steps': 2}))
+  missing = tiny.load_config(**{'phases': ('distill',)})
+  with pytest.raises(checkpointing.CheckpointError, match='no teacher to distil'):
+    pipeline.run_pipeline(missing, str(tmp_path / 'empty'))
+  other = tiny.load_config(**{'distill.teacher': os.path.join(workdir, 'teacher', 'model'), 'model.ch': 32})
+  with pytest.raises(loop.IncompatibleRunError, match='architecture differs'):
+    pipeline.run_distill(other, str(tmp_path / 'other'))
+  assert not os.path.exists(tmp_path / 'other' / 'distill')
