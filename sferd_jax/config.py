@@ -85,6 +85,21 @@ def base_config():
   config.distill.start_num_steps = 256  # sampling steps of the first teacher; halved every stage
   config.distill.end_num_steps = 1
 
+  # SFERD's mechanisms (SFERD.md §3, §4); their defaults are explained in the README.
+  config.sferd = ml_collections.ConfigDict()
+  config.sferd.attention_guidance = dict(
+      enabled=False,          # guide every teacher evaluation of the distillation target
+      block=None,             # attention block name (see models.unet.attention_blocks); None = the decoder's
+                              # highest-resolution one, as the official code does
+      threshold=1.0,          # a key is risky if it draws more than this attention mass (1.0 = the average)
+      kernel_size=15,         # Gaussian blur of the risky regions (the official code: 15, sigma 3)
+      sigma=3.0,
+      weight=0.3,             # eps_guided = eps + w (eps - eps_blurred); the official code's scale 1.3 = 1 + w
+      padding='reflect',      # blur padding: reflect (torchvision's, the official code) | symmetric
+      logsnr_min=None,        # guide only where logsnr_min <= log-SNR <= logsnr_max; None = unbounded
+      logsnr_max=None,
+  )
+
   config.sample = dict(
       model=None,            # exported model dir, or a path inside the workdir ('teacher', 'distill/stage_3'); None = last
       num_samples=64,
@@ -92,6 +107,7 @@ def base_config():
       sampler='ddim',        # ddim | ancestral
       clip_x=True,
       batch_size=256,        # samples per device call
+      guidance=False,        # sample with the attention-guided model (config.sferd.attention_guidance settings)
   )
   return config
 
@@ -153,6 +169,11 @@ def validate(config):
     _fail('sample.sampler', f'must be one of {samplers.SAMPLERS}, got {config.sample.sampler!r}')
   if config.sample.num_samples < 1 or config.sample.batch_size < 1:
     _fail('sample', 'num_samples and batch_size must be >= 1')
+  from sferd_jax.sferd import attention_guidance  # pylint: disable=g-import-not-at-top
+  try:
+    attention_guidance.validate_config(config.sferd.attention_guidance, config.model)
+  except ValueError as e:
+    raise ConfigError(f'config.sferd.attention_guidance: {e}') from None
   if config.data.name == 'npz' and not config.data.path:
     _fail('data.path', "name='npz' needs the path of an .npz file with an 'images' array (N, H, W, C) uint8")
   return config

@@ -19,6 +19,7 @@ from sferd_jax.diffusion import samplers
 from sferd_jax.diffusion import schedules
 from sferd_jax.models import denoiser
 from sferd_jax.models import unet
+from sferd_jax.sferd import attention_guidance
 from sferd_jax.training import checkpointing
 from sferd_jax.training import sharding
 
@@ -44,18 +45,17 @@ def _frozen(mapping):
 
 
 @functools.lru_cache(maxsize=32)
-def _sampler(model_json, diffusion_json, sampler, clip_x, num_devices):
-  """One jitted sampling function per architecture and sampler; num_steps is traced, so it never recompiles."""
+def _sampler(model_json, diffusion_json, guidance_json, sampler, clip_x, num_devices):
+  """One jitted sampling function per architecture, guidance and sampler; num_steps is traced, so it never
+  recompiles for another step count."""
   model_config = ml_collections.ConfigDict(json.loads(model_json))
   diffusion_config = json.loads(diffusion_json)
-  model = unet.make_unet(model_config)
+  make_denoise = attention_guidance.denoise_factory(model_config, json.loads(guidance_json))
   mesh = sharding.make_mesh(jax.devices()[:num_devices])
   rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh, leading_axes=0)
 
   def run(params, z, labels, rng, num_steps):
-    labels = denoiser.labels_or_none(model_config, labels)
-    denoise = lambda z_t, logsnr: denoiser.denoise(model, params, z_t, logsnr, labels,
-                                                   output_type=model_config.output_type)
+    denoise = make_denoise(params, denoiser.labels_or_none(model_config, labels))
     return samplers.sample_loop(denoise_fn=denoise, z_init=z, num_steps=num_steps, rng=rng, sampler=sampler,
                                 clip_x=clip_x, **diffusion_config)
 
@@ -69,12 +69,14 @@ def initial_noise(rng, *, num_samples, shape, first_index=0):
 
 
 def sample(params, rng, *, model_config, num_samples, num_steps, labels=None, sampler='ddim', clip_x=True,
-           diffusion_config=None, batch_size=256):
+           diffusion_config=None, guidance=None, batch_size=256):
   """Draws num_samples images with num_steps steps: uint8 (N, H, W, C).
 
   Deterministic for a given rng. Sample i starts from noise that depends only on (rng, i), so the first k images
   do not change with num_samples or batch_size (with the DDIM sampler). Class-conditional models draw uniform
   labels from rng unless `labels` (N,) is given. Batches are sharded over all local devices.
+  guidance: an attention-guidance section (config.sferd.attention_guidance) to sample with the attention-guided
+  model (self-attention-guided DDIM), or None.
   """
   if int(num_steps) < 1:
     raise ValueError(f'num_steps must be >= 1, got {num_steps}')
@@ -87,8 +89,10 @@ def sample(params, rng, *, model_config, num_samples, num_steps, labels=None, sa
   if labels.shape != (num_samples,):
     raise ValueError(f'labels must have shape ({num_samples},), got {labels.shape}')
   num_devices = jax.local_device_count()
-  run, mesh = _sampler(_frozen(model_config), _frozen(diffusion_config or DEFAULT_DIFFUSION), sampler,
-                       bool(clip_x), num_devices)
+  guidance = guidance if guidance is not None and attention_guidance.is_active(guidance) else None
+  run, mesh = _sampler(_frozen(model_config), _frozen(diffusion_config or DEFAULT_DIFFUSION),
+                       _frozen(guidance) if guidance is not None else 'null',
+                       sampler, bool(clip_x), num_devices)
   shape = (model_config.image_size, model_config.image_size, model_config.channels)
   batch_size = min(batch_size, num_samples)
   batch_size = -(-batch_size // num_devices) * num_devices  # a multiple of the device count
@@ -150,10 +154,11 @@ def write_samples(config, workdir):
     source = os.path.join(workdir, source)
   model = load(source or workdir)
   num_steps = config.sample.num_steps or model.config.num_steps
+  guidance = dict(config.sferd.attention_guidance, enabled=True) if config.sample.guidance else None
   images = model.sample(jax.random.key(config.seed), num_samples=config.sample.num_samples, num_steps=num_steps,
-                        sampler=config.sample.sampler, clip_x=config.sample.clip_x,
+                        sampler=config.sample.sampler, clip_x=config.sample.clip_x, guidance=guidance,
                         batch_size=config.sample.batch_size)
-  name = f'{model.config.name}_{num_steps}steps_{config.sample.sampler}'
+  name = f'{model.config.name}_{num_steps}steps_{config.sample.sampler}' + ('_guided' if guidance else '')
   out_dir = os.path.join(workdir, 'samples')
   os.makedirs(out_dir, exist_ok=True)
   images_lib.save_grid(os.path.join(out_dir, name + '.png'), images[:256])

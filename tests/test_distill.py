@@ -10,6 +10,7 @@ import pytest
 from sferd_jax import config as config_lib
 from sferd_jax import sampling
 from sferd_jax.models import unet
+from sferd_jax.sferd import attention_guidance
 from sferd_jax.training import checkpointing
 from sferd_jax.training import loop
 from sferd_jax.training import pipeline
@@ -115,7 +116,7 @@ def test_sharded_distill_step_equals_single_device(tiny_run):
   tx, schedule = state_lib.make_optimizer(config.distill.optimizer, config.distill.train_steps)
   step = steps_lib.make_distill_step(model=model, model_config=config.model,
                                      diffusion_config=config.diffusion.to_dict(), train_config=config.distill, tx=tx,
-                                     schedule=schedule, teacher_fn=steps_lib.plain_teacher(model, config.model))
+                                     schedule=schedule, teacher_fn=attention_guidance.denoise_factory(config.model, None))
   batch = pipeline.make_batches(config, config.distill).get(0, 2)
   results = []
   for devices in (jax.devices()[:1], jax.devices()):

@@ -188,3 +188,62 @@ def from_config(cfg: Mapping[str, Any]):
       padding=str(cfg['padding']),
       logsnr_range=None if lo is None and hi is None else (lo, hi),
   )
+
+
+def is_active(cfg):
+  """Guidance changes the prediction only when enabled with a nonzero weight."""
+  return bool(cfg['enabled']) and float(cfg['weight']) != 0.0
+
+
+def guidance_block(model_config, cfg):
+  """The attention block whose map drives guidance: cfg.block, or the decoder's highest-resolution one."""
+  from sferd_jax.models import unet  # pylint: disable=g-import-not-at-top
+  return cfg['block'] or unet.default_guidance_block(model_config)
+
+
+def denoise_factory(model_config, cfg):
+  """(params, labels) -> denoise_fn(z, logsnr) -> Prediction: the attention-guided model when cfg is active,
+  else the plain one (exactly: one forward pass, fused attention everywhere).
+
+  Only the guidance block materialises its attention probabilities, in pass 1; pass 2 and every other block
+  keep the fused attention path.
+  """
+  from sferd_jax.models import denoiser, unet  # pylint: disable=g-import-not-at-top
+  output_type = model_config['output_type']
+  plain = unet.make_unet(model_config)
+  if cfg is None or not is_active(cfg):
+    return lambda params, labels: (
+        lambda z, logsnr: denoiser.denoise(plain, params, z, logsnr, labels, output_type=output_type))
+  block = guidance_block(model_config, cfg)
+  capturing = unet.make_unet(model_config, capture_attention=(block,))
+  kwargs = from_config(cfg)
+
+  def make(params, labels):
+    def denoise_fn(z, logsnr):
+      return guided_prediction(
+          denoise_with_attention=lambda z_, l_: denoiser.denoise_with_attention(
+              capturing, params, z_, l_, labels, output_type=output_type, block=block),
+          denoise=lambda z_, l_: denoiser.denoise(plain, params, z_, l_, labels, output_type=output_type),
+          z=z, logsnr=logsnr, **kwargs)
+    return denoise_fn
+
+  return make
+
+
+def validate_config(cfg, model_config):
+  """Raises ValueError naming the key for a guidance section that cannot work with this model."""
+  from sferd_jax.models import unet  # pylint: disable=g-import-not-at-top
+  names = [b.name for b in unet.attention_blocks(model_config)]
+  if cfg['block'] is not None and cfg['block'] not in names:
+    raise ValueError(f"block={cfg['block']!r} is not an attention block of this model; its blocks are {names}")
+  if cfg['kernel_size'] < 1 or cfg['kernel_size'] % 2 != 1:
+    raise ValueError(f"kernel_size must be a positive odd int, got {cfg['kernel_size']}")
+  if not cfg['sigma'] > 0:
+    raise ValueError(f"sigma must be > 0, got {cfg['sigma']}")
+  if cfg['weight'] < 0:
+    raise ValueError(f"weight must be >= 0 (0 = the plain teacher), got {cfg['weight']}")
+  if cfg['padding'] not in PADDINGS:
+    raise ValueError(f"padding must be one of {PADDINGS}, got {cfg['padding']!r}")
+  lo, hi = cfg['logsnr_min'], cfg['logsnr_max']
+  if lo is not None and hi is not None and lo > hi:
+    raise ValueError(f'logsnr_min ({lo}) must not exceed logsnr_max ({hi})')

@@ -20,6 +20,7 @@ from sferd_jax import data as data_lib
 from sferd_jax import images as images_lib
 from sferd_jax import sampling
 from sferd_jax.models import unet
+from sferd_jax.sferd import attention_guidance
 from sferd_jax.training import checkpointing
 from sferd_jax.training import loop
 from sferd_jax.training import sharding
@@ -141,7 +142,9 @@ def run_distill(config, workdir, *, mesh=None):
   tx, schedule = state_lib.make_optimizer(train_config.optimizer, train_config.train_steps)
   step = steps_lib.make_distill_step(model=model, model_config=config.model,
                                      diffusion_config=config.diffusion.to_dict(), train_config=train_config, tx=tx,
-                                     schedule=schedule, teacher_fn=steps_lib.plain_teacher(model, config.model))
+                                     schedule=schedule,
+                                     teacher_fn=attention_guidance.denoise_factory(config.model,
+                                                                                   config.sferd.attention_guidance))
   batches = make_batches(config, train_config, seed_offset=1)
   rows = []
   for stage in range(1, num_stages + 1):

@@ -55,19 +55,12 @@ def make_teacher_step(*, model, model_config, diffusion_config, train_config, tx
   return step
 
 
-def plain_teacher(model, model_config):
-  """(teacher params, labels) -> denoise_fn(z, logsnr): the teacher as progressive distillation uses it."""
-  def make(params, labels):
-    return lambda z, logsnr: denoiser.denoise(model, params, z, logsnr, labels, output_type=model_config.output_type)
-  return make
-
-
 def make_distill_step(*, model, model_config, diffusion_config, train_config, tx, schedule, teacher_fn):
   """The progressive-distillation step: step(state, batch, rng, teacher_params, num_student_steps).
 
   The teacher's parameters and the student's step count are arguments (the count traced), so one compilation
   serves every stage of a run. teacher_fn(params, labels) -> denoise_fn builds the teacher's prediction (plain,
-  or attention-guided); no gradient reaches it.
+  or attention-guided: sferd.attention_guidance.denoise_factory); no gradient reaches it.
   """
   logsnr_fn = lambda t: schedules.cosine_logsnr(t, **diffusion_config)
 
