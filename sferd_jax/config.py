@@ -100,6 +100,48 @@ def base_config():
       logsnr_max=None,
   )
 
+  config.sferd.semantic = dict(   # the semantic encoder E_phi and gradient predictor G_tau (SFERD.md §4)
+      stages=(-1,),           # distillation stages that get a predictor; negative counts from the end (-1 = last)
+      latent_dim=128,         # size of the semantic code z_sem
+      encoder_ch=64,          # E_phi's first-stage channels (then 2x, 4x, 4x, ...)
+      form='shift',           # shift: a modulated copy of the student's decoder on its frozen encoder features
+                              # (PDAE's ShiftUNet); separate: a small stand-alone conv net
+      separate_ch=64,         # channels of the 'separate' form
+      gradient_param='x_shift',  # what G_tau outputs: x_shift (the x shift sigma^2/alpha g; trains stably at
+                              # lambda = -20, where 1-step students live) | score (g itself, as in PDAE)
+  )
+  config.sferd.latent = dict(     # the latent diffusion model that samples z_sem without a real image
+      num_layers=10,          # MLPSkipNet Dense layers (PDAE: 10)
+      width=512,              # hidden width (PDAE: 2048)
+      num_steps=100,          # DDIM steps to sample a code
+  )
+  # Training of E_phi and G_tau (student and teacher frozen), and of the latent model (PDAE's: AdamW 1e-3, wd 0.01).
+  config.semantic = training_config(train_steps=1000, batch_size=64, learning_rate=1e-4)
+  config.latent = training_config(train_steps=1000, batch_size=128, learning_rate=1e-3, weight_decay=0.01,
+                                  ema_decay=0.999, loss='eps_mse', grad_clip=1.0)
+
+  config.evaluate = dict(
+      models=None,            # exported models to score, as paths in the workdir ('teacher', 'distill/stage_3');
+                              # None = the teacher and every finished stage
+      num_steps=None,         # sampling steps per model; None = each model's own
+      guidance=(False,),      # variants to score: without / with attention-guided sampling
+      semantic=(False,),      # variants: without / with the semantic gradient predictor (models that have one)
+      num_samples=50000,      # samples per variant (50k is the standard FID protocol)
+      round_size=1000,        # samples per saved round; an interrupted evaluation resumes at the last round
+      features='auto',        # inception | classifier | auto (inception when weights are given, else the
+                              # small classifier trained on the dataset and saved with the run)
+      inception_weights=None,  # .npz made by `python -m sferd_jax.evaluation.export_inception SRC.pt OUT.npz`
+      reference_stats=None,   # .npz of reference mu/sigma; None = computed from config.data, cached in the run
+      kid_subsets=100,
+      kid_subset_size=1000,
+  )
+  config.analyze = dict(          # the fitting-error analysis (SFERD.md §5)
+      model=None,             # as sample.model
+      num_images=16,          # real images x0
+      num_noises=8,           # noise draws per image and noise level
+      times=(0.2, 0.4, 0.6, 0.8),  # noise levels t (cosine schedule)
+  )
+
   config.sample = dict(
       model=None,            # exported model dir, or a path inside the workdir ('teacher', 'distill/stage_3'); None = last
       num_samples=64,
@@ -108,6 +150,7 @@ def base_config():
       clip_x=True,
       batch_size=256,        # samples per device call
       guidance=False,        # sample with the attention-guided model (config.sferd.attention_guidance settings)
+      semantic=False,        # sample a student with its semantic gradient predictor (a code from the latent model)
   )
   return config
 
@@ -156,8 +199,8 @@ def validate(config):
     raise ConfigError(f'config.model: {e}') from None
   if config.diffusion.logsnr_min >= config.diffusion.logsnr_max:
     _fail('diffusion', 'logsnr_min must be below logsnr_max')
-  _validate_training(config, 'teacher')
-  _validate_training(config, 'distill')
+  for section in ('teacher', 'distill', 'semantic', 'latent'):
+    _validate_training(config, section)
   start, end = config.distill.start_num_steps, config.distill.end_num_steps
   ratio = start / end if end >= 1 else 0
   if end < 1 or start < end or ratio != int(ratio) or not math.log2(ratio).is_integer():
@@ -174,9 +217,34 @@ def validate(config):
     attention_guidance.validate_config(config.sferd.attention_guidance, config.model)
   except ValueError as e:
     raise ConfigError(f'config.sferd.attention_guidance: {e}') from None
+  from sferd_jax.models import latent, semantic  # pylint: disable=g-import-not-at-top
+  for key, check in (('sferd.semantic', semantic.validate_semantic_config),
+                     ('sferd.latent', latent.validate_latent_config)):
+    try:
+      check(config.sferd.semantic if key == 'sferd.semantic' else config.sferd.latent)
+    except ValueError as e:
+      raise ConfigError(f'config.{key}: {e}') from None
+  stages = num_stages(config)
+  for stage in config.sferd.semantic.stages:
+    if not (1 <= stage <= stages or -stages <= stage <= -1):
+      _fail('sferd.semantic.stages', f'stage {stage} does not exist: the run has stages 1..{stages} (or -1 for '
+                                     f'the last)')
+  if config.evaluate.features not in ('auto', 'inception', 'classifier'):
+    _fail('evaluate.features', f"must be auto, inception or classifier, got {config.evaluate.features!r}")
+  if config.evaluate.features == 'inception' and not config.evaluate.inception_weights:
+    _fail('evaluate.inception_weights', 'features=inception needs the .npz of Inception weights; make it with '
+                                        '`python -m sferd_jax.evaluation.export_inception SRC.pt OUT.npz` (README)')
+  if config.evaluate.num_samples < 2 or config.evaluate.round_size < 1:
+    _fail('evaluate', 'num_samples must be >= 2 and round_size >= 1')
   if config.data.name == 'npz' and not config.data.path:
     _fail('data.path', "name='npz' needs the path of an .npz file with an 'images' array (N, H, W, C) uint8")
   return config
+
+
+def semantic_stages(config):
+  """The distillation stages (1-based) that get a semantic gradient predictor."""
+  n = num_stages(config)
+  return sorted({s if s > 0 else n + 1 + s for s in config.sferd.semantic.stages})
 
 
 def num_stages(config):

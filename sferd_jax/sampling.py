@@ -7,7 +7,7 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +18,8 @@ from sferd_jax import images as images_lib
 from sferd_jax.diffusion import samplers
 from sferd_jax.diffusion import schedules
 from sferd_jax.models import denoiser
+from sferd_jax.models import latent
+from sferd_jax.models import semantic
 from sferd_jax.models import unet
 from sferd_jax.sferd import attention_guidance
 from sferd_jax.training import checkpointing
@@ -27,16 +29,35 @@ DEFAULT_DIFFUSION = dict(logsnr_min=schedules.LOGSNR_MIN, logsnr_max=schedules.L
 
 
 @dataclasses.dataclass(frozen=True)
+class SemanticPredictor:
+  """A stage's semantic gradient predictor (E_phi, G_tau) and the latent model that samples its codes z_sem."""
+  params: Any            # {'encoder': E_phi, 'predictor': G_tau}
+  latent_params: Any     # the latent denoiser (MLPSkipNet)
+  stats: Any             # {'mean', 'std'} of E_phi's codes over the training set
+  config: ml_collections.ConfigDict  # {'semantic': config.sferd.semantic, 'latent': config.sferd.latent}
+
+
+@dataclasses.dataclass(frozen=True)
 class Model:
   """A finished, exported model: its parameters and what is needed to sample it."""
   params: Any
   config: ml_collections.ConfigDict   # model (architecture), diffusion, num_steps, phase, stage, ...
   path: str
+  semantic: Optional[SemanticPredictor] = None
 
-  def sample(self, rng, *, num_samples, num_steps=None, **kwargs):
-    """sample() with this model's architecture and, by default, its own step count."""
+  @property
+  def has_semantic(self):
+    return self.semantic is not None
+
+  def sample(self, rng, *, num_samples, num_steps=None, semantic=False, **kwargs):
+    """sample() with this model's architecture and, by default, its own step count; semantic=True adds the
+    semantic gradient predictor (a code drawn from the latent model)."""
+    if semantic and self.semantic is None:
+      raise ValueError(f'{self.path} has no semantic gradient predictor: run the semantic and latent phases for '
+                       f'its stage (config.phases, config.sferd.semantic.stages)')
     return sample(self.params, rng, model_config=self.config.model, num_samples=num_samples,
-                  num_steps=num_steps or self.config.num_steps, diffusion_config=self.config.diffusion, **kwargs)
+                  num_steps=num_steps or self.config.num_steps, diffusion_config=self.config.diffusion,
+                  semantic=self.semantic if semantic else None, **kwargs)
 
 
 def _frozen(mapping):
@@ -45,21 +66,43 @@ def _frozen(mapping):
 
 
 @functools.lru_cache(maxsize=32)
-def _sampler(model_json, diffusion_json, guidance_json, sampler, clip_x, num_devices):
-  """One jitted sampling function per architecture, guidance and sampler; num_steps is traced, so it never
-  recompiles for another step count."""
+def _sampler(model_json, diffusion_json, guidance_json, semantic_json, sampler, clip_x, num_devices):
+  """One jitted sampling function per architecture, guidance, predictor and sampler; num_steps is traced, so it
+  never recompiles for another step count."""
   model_config = ml_collections.ConfigDict(json.loads(model_json))
   diffusion_config = json.loads(diffusion_json)
   make_denoise = attention_guidance.denoise_factory(model_config, json.loads(guidance_json))
+  semantic_config = json.loads(semantic_json)
   mesh = sharding.make_mesh(jax.devices()[:num_devices])
   rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh, leading_axes=0)
 
-  def run(params, z, labels, rng, num_steps):
-    denoise = make_denoise(params, denoiser.labels_or_none(model_config, labels))
+  def run(params, z, labels, rng, num_steps, semantic_params):
+    labels = denoiser.labels_or_none(model_config, labels)
+    if semantic_config is None:
+      denoise = make_denoise(params, labels)
+    else:
+      denoise = _shifted_denoise(model_config, diffusion_config, semantic_config, params, semantic_params, labels,
+                                 batch=z.shape[0], rng=jax.random.fold_in(rng, 1))
     return samplers.sample_loop(denoise_fn=denoise, z_init=z, num_steps=num_steps, rng=rng, sampler=sampler,
                                 clip_x=clip_x, **diffusion_config)
 
-  return jax.jit(run, in_shardings=(rep, data, data, rep, rep), out_shardings=data), mesh
+  return jax.jit(run, in_shardings=(rep, data, data, rep, rep, rep), out_shardings=data), mesh
+
+
+def _shifted_denoise(model_config, diffusion_config, semantic_config, params, semantic_params, labels, *, batch, rng):
+  """The student shifted by its gradient predictor, with a code z_sem per sample drawn from the latent model.
+
+  semantic_params: {'predictor': G_tau, 'latent': the latent denoiser, 'stats': {'mean', 'std'}}.
+  """
+  latent_config = semantic_config['latent']
+  z_sem = latent.sample_latents(
+      semantic_params['latent'], rng, model=latent.make_latent_model(latent_config), num_samples=batch,
+      dim=semantic_config['semantic']['latent_dim'], num_steps=latent_config['num_steps'],
+      stats=latent.LatentStats(**semantic_params['stats']), **diffusion_config)
+  _, predictor = semantic.make_semantic_models(model_config, semantic_config['semantic'])
+  return semantic.shifted_denoise_fn(student=unet.make_unet(model_config), student_params=params,
+                                     output_type=model_config.output_type, predictor=predictor,
+                                     predictor_params=semantic_params['predictor'], z_sem=z_sem, labels=labels)
 
 
 def initial_noise(rng, *, num_samples, shape, first_index=0):
@@ -69,7 +112,7 @@ def initial_noise(rng, *, num_samples, shape, first_index=0):
 
 
 def sample(params, rng, *, model_config, num_samples, num_steps, labels=None, sampler='ddim', clip_x=True,
-           diffusion_config=None, guidance=None, batch_size=256):
+           diffusion_config=None, guidance=None, semantic=None, batch_size=256):
   """Draws num_samples images with num_steps steps: uint8 (N, H, W, C).
 
   Deterministic for a given rng. Sample i starts from noise that depends only on (rng, i), so the first k images
@@ -77,6 +120,8 @@ def sample(params, rng, *, model_config, num_samples, num_steps, labels=None, sa
   labels from rng unless `labels` (N,) is given. Batches are sharded over all local devices.
   guidance: an attention-guidance section (config.sferd.attention_guidance) to sample with the attention-guided
   model (self-attention-guided DDIM), or None.
+  semantic: a SemanticPredictor (Model.semantic) to shift the student's x prediction by its semantic gradient
+  predictor, with a code per sample drawn from its latent model; None = the plain model.
   """
   if int(num_steps) < 1:
     raise ValueError(f'num_steps must be >= 1, got {num_steps}')
@@ -90,9 +135,15 @@ def sample(params, rng, *, model_config, num_samples, num_steps, labels=None, sa
     raise ValueError(f'labels must have shape ({num_samples},), got {labels.shape}')
   num_devices = jax.local_device_count()
   guidance = guidance if guidance is not None and attention_guidance.is_active(guidance) else None
+  if guidance is not None and semantic is not None:
+    raise ValueError('sampling with both attention guidance and the semantic predictor is not supported; '
+                     'choose one')
   run, mesh = _sampler(_frozen(model_config), _frozen(diffusion_config or DEFAULT_DIFFUSION),
                        _frozen(guidance) if guidance is not None else 'null',
+                       _frozen(semantic.config) if semantic is not None else 'null',
                        sampler, bool(clip_x), num_devices)
+  semantic_params = None if semantic is None else sharding.put_replicated(
+      {'predictor': semantic.params['predictor'], 'latent': semantic.latent_params, 'stats': semantic.stats}, mesh)
   shape = (model_config.image_size, model_config.image_size, model_config.channels)
   batch_size = min(batch_size, num_samples)
   batch_size = -(-batch_size // num_devices) * num_devices  # a multiple of the device count
@@ -103,7 +154,7 @@ def sample(params, rng, *, model_config, num_samples, num_steps, labels=None, sa
     z = initial_noise(noise_rng, num_samples=batch_size, shape=shape, first_index=start)
     batch_labels = np.zeros((batch_size,), np.int32)
     batch_labels[:n] = labels[start:start + n]
-    x = run(params, z, batch_labels, jax.random.fold_in(loop_rng, start), jnp.int32(num_steps))
+    x = run(params, z, batch_labels, jax.random.fold_in(loop_rng, start), jnp.int32(num_steps), semantic_params)
     out.append(images_lib.to_uint8(jax.device_get(x))[:n])
   return np.concatenate(out)
 
@@ -138,12 +189,42 @@ def abstract_params(model_config):
   return jax.eval_shape(lambda: unet.init_params(model, jax.random.key(0), model_config=model_config))
 
 
+def load_semantic_params(path, model_config, semantic_config):
+  """{'encoder', 'predictor'} of an exported semantic phase."""
+  encoder, predictor = semantic.make_semantic_models(model_config, semantic_config)
+  like = jax.eval_shape(lambda: semantic.init_semantic_params(encoder, predictor, jax.random.key(0),
+                                                              model_config=model_config))
+  return checkpointing.load_tree(path, 'params', like)
+
+
+def _load_semantic(stage_root, model_config):
+  """The SemanticPredictor exported beside a stage's model (stage_<k>/{semantic,latent}/model), or None."""
+  semantic_path = os.path.join(stage_root, 'semantic', 'model')
+  latent_path = os.path.join(stage_root, 'latent', 'model')
+  if not (checkpointing.is_exported(semantic_path) and checkpointing.is_exported(latent_path)):
+    return None
+  semantic_config = checkpointing.read_info(semantic_path)['semantic']
+  latent_info = checkpointing.read_info(latent_path)
+  latent_model = latent.make_latent_model(latent_info['latent'])
+  dim = latent_info['latent_dim']
+  latent_like = jax.eval_shape(lambda: latent.init_latent_params(latent_model, jax.random.key(0), dim=dim))
+  stats_like = {k: jax.ShapeDtypeStruct((dim,), jnp.float32) for k in ('mean', 'std')}
+  return SemanticPredictor(
+      params=load_semantic_params(semantic_path, model_config, semantic_config),
+      latent_params=checkpointing.load_tree(latent_path, 'params', latent_like),
+      stats=checkpointing.load_tree(latent_path, 'stats', stats_like),
+      config=ml_collections.ConfigDict({'semantic': semantic_config, 'latent': latent_info['latent']}))
+
+
 def load(path):
-  """Loads an exported model (or the last one of a run folder): Model(params, config, path)."""
+  """Loads an exported model (or the last one of a run folder): Model(params, config, path, semantic).
+
+  A distillation stage's semantic gradient predictor and latent model come along when they were trained.
+  """
   path = resolve_model_path(path)
   config = ml_collections.ConfigDict(checkpointing.read_info(path))
   params = checkpointing.load_tree(path, 'params', abstract_params(config.model))
-  return Model(params=params, config=config, path=path)
+  return Model(params=params, config=config, path=path, semantic=_load_semantic(os.path.dirname(path), config.model))
 
 
 def write_samples(config, workdir):
@@ -157,8 +238,9 @@ def write_samples(config, workdir):
   guidance = dict(config.sferd.attention_guidance, enabled=True) if config.sample.guidance else None
   images = model.sample(jax.random.key(config.seed), num_samples=config.sample.num_samples, num_steps=num_steps,
                         sampler=config.sample.sampler, clip_x=config.sample.clip_x, guidance=guidance,
-                        batch_size=config.sample.batch_size)
-  name = f'{model.config.name}_{num_steps}steps_{config.sample.sampler}' + ('_guided' if guidance else '')
+                        semantic=config.sample.semantic, batch_size=config.sample.batch_size)
+  name = (f'{model.config.name}_{num_steps}steps_{config.sample.sampler}' + ('_guided' if guidance else '')
+          + ('_semantic' if config.sample.semantic else ''))
   out_dir = os.path.join(workdir, 'samples')
   os.makedirs(out_dir, exist_ok=True)
   images_lib.save_grid(os.path.join(out_dir, name + '.png'), images[:256])

@@ -21,29 +21,6 @@ import test_training
 import tiny
 
 
-@pytest.fixture(scope='module')
-def tiny_run(tmp_path_factory):
-  """The tiny pipeline (teacher, then 4 -> 2 -> 1 steps), counting how often the distill step is traced."""
-  traces = []
-  real = steps_lib.make_distill_step
-
-  def counting(**kwargs):
-    step = real(**kwargs)
-
-    def traced(*args):
-      traces.append(1)
-      return step(*args)
-    return traced
-
-  steps_lib.make_distill_step = counting
-  try:
-    workdir = str(tmp_path_factory.mktemp('tiny_run'))
-    pipeline.run_pipeline(tiny.load_config(), workdir)
-  finally:
-    steps_lib.make_distill_step = real
-  return workdir, traces
-
-
 def test_one_compilation_serves_every_stage(tiny_run):
   workdir, traces = tiny_run
   assert len(traces) == 1

@@ -3,6 +3,8 @@
 Layout of a run folder (--workdir):
   teacher/                   checkpoints/, samples/, metrics.jsonl, summary.json, model/ (the exported teacher)
   distill/stage_<k>/         the same, per distillation stage; model/ is the stage's student, stage k+1's teacher
+  distill/stage_<k>/semantic/  E_phi and G_tau trained on that stage's frozen student (model/ is their export)
+  distill/stage_<k>/latent/    the latent diffusion over E_phi's codes (model/: its params and the code statistics)
   distill/stages.{json,md}   the stage table: student steps, final loss, wall time, images/s
   samples/                   the teacher's and each student's samples side by side
 """
@@ -19,6 +21,8 @@ from sferd_jax import config as config_lib
 from sferd_jax import data as data_lib
 from sferd_jax import images as images_lib
 from sferd_jax import sampling
+from sferd_jax.models import latent as latent_lib
+from sferd_jax.models import semantic as semantic_lib
 from sferd_jax.models import unet
 from sferd_jax.sferd import attention_guidance
 from sferd_jax.training import checkpointing
@@ -214,12 +218,129 @@ def write_comparison(config, workdir, *, student_steps=(4, 2, 1), num_samples=8)
     logging.info('wrote %s: rows %s', path, ', '.join(names))
 
 
+def _finished_stage(workdir, stage, what):
+  path = os.path.join(stage_dir(workdir, stage), 'model')
+  if not checkpointing.is_exported(path):
+    raise checkpointing.CheckpointError(f'{what} needs the finished distillation stage {stage} at {path}; run the '
+                                        f'distill phase first (it comes before {what} in config.phases).')
+  return path
+
+
+def run_semantic(config, workdir, *, mesh=None):
+  """Trains E_phi and G_tau on the frozen student of each stage in config.sferd.semantic.stages.
+
+  The target is the stage's own (guided) distillation target: its teacher's two steps at the student's noise
+  levels. Exports distill/stage_<k>/semantic/model ({'params': {'encoder', 'predictor'}}).
+  """
+  mesh = mesh or sharding.make_mesh()
+  train_config = config.semantic
+  student_model = unet.make_unet(config.model)
+  encoder, predictor = semantic_lib.make_semantic_models(config.model, config.sferd.semantic)
+  tx, schedule = state_lib.make_optimizer(train_config.optimizer, train_config.train_steps)
+  step = steps_lib.make_semantic_step(
+      student=student_model, encoder=encoder, predictor=predictor, model_config=config.model,
+      diffusion_config=config.diffusion.to_dict(), train_config=train_config, tx=tx, schedule=schedule,
+      teacher_fn=attention_guidance.denoise_factory(config.model, config.sferd.attention_guidance))
+  batches = make_batches(config, train_config, seed_offset=2)
+
+  def init(rng):
+    return lambda: state_lib.TrainState.create(
+        params=semantic_lib.init_semantic_params(encoder, predictor, rng, model_config=config.model), tx=tx,
+        ema_decay=train_config.ema_decay)
+
+  for stage in config_lib.semantic_stages(config):
+    student_path = _finished_stage(workdir, stage, 'the semantic phase')
+    directory = os.path.join(stage_dir(workdir, stage), 'semantic')
+    export_path = os.path.join(directory, 'model')
+    if checkpointing.is_exported(export_path):
+      logging.info('semantic stage %d: finished and exported at %s; skipping', stage, export_path)
+      continue
+    student = sampling.load(student_path)
+    teacher_params = sampling.load(student.config.teacher).params
+    num_steps = student.config.num_steps
+    rng = jax.random.fold_in(jax.random.key(config.seed + 2), stage)
+    phase = loop.Phase(
+        name=f'semantic stage {stage} ({num_steps}-step student)', directory=directory, train_config=train_config,
+        step=step, init_state=init(rng), extra_args=(student.params, teacher_params, jnp.int32(num_steps)),
+        meta=dict(semantic=config.sferd.semantic.to_dict(), data=data_config(config), seed=config.seed,
+                  loss=train_config.loss, student=checkpointing.fingerprint(student.params)))
+    state, summary = loop.run_phase(phase, batches=batches, mesh=mesh, rng=rng)
+    checkpointing.export_model(export_path, trees={'params': state.export_params}, info=dict(
+        name=f'stage_{stage}_semantic', phase='semantic', stage=stage, num_steps=num_steps,
+        semantic=config.sferd.semantic.to_dict(), student=student_path, summary=summary))
+    logging.info('semantic stage %d: exported to %s', stage, export_path)
+
+
+class CodeBatches(data_lib.Batches):
+  """Batches of semantic codes (N, latent_dim) in 'image', with Batches' resumable per-process order."""
+
+  def __init__(self, codes, *, global_batch_size, seed):
+    super().__init__(data_lib.ArraySource(np.zeros((len(codes), 1, 1, 1), np.uint8)),
+                     global_batch_size=global_batch_size, seed=seed)
+    self.codes = np.asarray(codes, np.float32)
+
+  def get(self, step, num_steps=1):
+    index, _ = self.indices(step, num_steps)
+    return {'image': self.codes[index], 'label': np.zeros(index.shape, np.int32)}
+
+
+def encode_dataset(config, encoder, encoder_params, *, batch_size=256):
+  """E_phi of every training image: (N, latent_dim) float32."""
+  source = data_lib.load_source(data_config(config))
+  images, _ = source.read(np.arange(len(source)))
+  encode = jax.jit(lambda p, x: encoder.apply({'params': p}, x))
+  codes = [jax.device_get(encode(encoder_params, images[i:i + batch_size].astype(np.float32) / 127.5 - 1.0))
+           for i in range(0, len(images), batch_size)]
+  return np.concatenate(codes)
+
+
+def run_latent(config, workdir, *, mesh=None):
+  """Trains the latent diffusion over each semantic stage's normalised codes: distill/stage_<k>/latent/model
+  holds its params and the code statistics ({'params', 'stats': {'mean', 'std'}})."""
+  mesh = mesh or sharding.make_mesh()
+  train_config = config.latent
+  encoder, _ = semantic_lib.make_semantic_models(config.model, config.sferd.semantic)
+  model = latent_lib.make_latent_model(config.sferd.latent)
+  dim = config.sferd.semantic.latent_dim
+  tx, schedule = state_lib.make_optimizer(train_config.optimizer, train_config.train_steps)
+  step = steps_lib.make_latent_step(model=model, diffusion_config=config.diffusion.to_dict(),
+                                    train_config=train_config, tx=tx, schedule=schedule)
+  for stage in config_lib.semantic_stages(config):
+    semantic_path = os.path.join(stage_dir(workdir, stage), 'semantic', 'model')
+    if not checkpointing.is_exported(semantic_path):
+      raise checkpointing.CheckpointError(f'the latent phase needs the semantic predictor of stage {stage} at '
+                                          f'{semantic_path}; run the semantic phase first.')
+    directory = os.path.join(stage_dir(workdir, stage), 'latent')
+    export_path = os.path.join(directory, 'model')
+    if checkpointing.is_exported(export_path):
+      logging.info('latent stage %d: finished and exported at %s; skipping', stage, export_path)
+      continue
+    semantic_params = sampling.load_semantic_params(semantic_path, config.model, config.sferd.semantic)
+    codes = encode_dataset(config, encoder, semantic_params['encoder'])
+    stats = latent_lib.latent_statistics(codes)
+    rng = jax.random.fold_in(jax.random.key(config.seed + 3), stage)
+    phase = loop.Phase(
+        name=f'latent stage {stage}', directory=directory, train_config=train_config, step=step,
+        init_state=lambda rng=rng: state_lib.TrainState.create(
+            params=latent_lib.init_latent_params(model, rng, dim=dim), tx=tx, ema_decay=train_config.ema_decay),
+        meta=dict(latent=config.sferd.latent.to_dict(), seed=config.seed, loss=train_config.loss,
+                  encoder=checkpointing.fingerprint(semantic_params['encoder'])))
+    batches = CodeBatches(np.asarray(latent_lib.normalize(codes, stats)), global_batch_size=train_config.batch_size,
+                          seed=config.seed + 3)
+    state, summary = loop.run_phase(phase, batches=batches, mesh=mesh, rng=rng)
+    checkpointing.export_model(
+        export_path, trees={'params': state.export_params, 'stats': {'mean': stats.mean, 'std': stats.std}},
+        info=dict(name=f'stage_{stage}_latent', phase='latent', stage=stage, latent=config.sferd.latent.to_dict(),
+                  latent_dim=dim, num_codes=len(codes), summary=summary))
+    logging.info('latent stage %d: exported to %s', stage, export_path)
+
+
 def run_pipeline(config, workdir):
   """Runs every phase in config.phases, in order, skipping finished ones."""
   mesh = sharding.make_mesh()
   if 'distill' in config.phases and 'teacher' not in config.phases:
     check_teacher(config, workdir)  # fail before any work, not after the phases before it
-  runners = {'teacher': run_teacher, 'distill': run_distill}
+  runners = {'teacher': run_teacher, 'distill': run_distill, 'semantic': run_semantic, 'latent': run_latent}
   for phase in config.phases:
     if phase not in runners:
       raise config_lib.ConfigError(f'config.phases: phase {phase!r} is not available in this version')

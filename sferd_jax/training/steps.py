@@ -4,6 +4,8 @@ The step folds the state's step counter into the base key, so a resumed run draw
 uninterrupted one. `scan_steps` runs several steps per host call.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -13,6 +15,8 @@ from sferd_jax.diffusion import losses
 from sferd_jax.diffusion import process
 from sferd_jax.diffusion import schedules
 from sferd_jax.models import denoiser
+from sferd_jax.models import latent
+from sferd_jax.models import semantic
 from sferd_jax.training import state as state_lib
 
 
@@ -84,6 +88,49 @@ def make_distill_step(*, model, model_config, diffusion_config, train_config, tx
                                             loss_type=train_config.loss))
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    return _finish(state, grads, loss, tx=tx, ema_decay=train_config.ema_decay, schedule=schedule)
+
+  return step
+
+
+def make_semantic_step(*, student, encoder, predictor, model_config, diffusion_config, train_config, tx, schedule,
+                       teacher_fn):
+  """Trains E_phi and G_tau (state.params = {'encoder', 'predictor'}) on a frozen student of a finished stage.
+
+  step(state, batch, rng, student_params, teacher_params, num_student_steps): the shifted student's prediction
+  x + (sigma^2 / alpha) g regresses the (guided) teacher's distillation target at the student's noise levels.
+  """
+  logsnr_fn = lambda t: schedules.cosine_logsnr(t, **diffusion_config)
+
+  def step(state, batch, rng, student_params, teacher_params, num_student_steps):
+    rng = jax.random.fold_in(rng, state.step)
+    step_rng, noise_rng, dropout_rng = jax.random.split(rng, 3)
+    x = batch['image']
+    labels = denoiser.labels_or_none(model_config, batch['label'])
+    i = jax.random.randint(step_rng, (x.shape[0],), 0, num_student_steps)
+    logsnr = distillation.student_noise_level(i=i, num_steps=num_student_steps, logsnr_fn=logsnr_fn)
+    z = process.diffuse(x=x, eps=jax.random.normal(noise_rng, x.shape, x.dtype), logsnr=logsnr)
+    teacher = teacher_fn(jax.lax.stop_gradient(teacher_params), labels)
+    target = jax.lax.stop_gradient(distillation.student_target(teacher_fn=teacher, z=z, i=i,
+                                                               num_steps=num_student_steps, logsnr_fn=logsnr_fn))
+    loss_fn = functools.partial(semantic.model_semantic_loss, encoder=encoder, predictor=predictor, student=student,
+                                output_type=model_config.output_type, x0=x, z=z, logsnr=logsnr, target=target,
+                                labels=labels, loss_type=train_config.loss, train=True, dropout_rng=dropout_rng)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, student_params)
+    new_state, metrics = _finish(state, grads, loss, tx=tx, ema_decay=train_config.ema_decay, schedule=schedule)
+    return new_state, dict(metrics, student_loss=aux['student_loss'])
+
+  return step
+
+
+def make_latent_step(*, model, diffusion_config, train_config, tx, schedule):
+  """Trains the latent diffusion model on normalised semantic codes: batch['image'] is (B, latent_dim)."""
+
+  def step(state, batch, rng):
+    rng = jax.random.fold_in(rng, state.step)
+    loss, grads = jax.value_and_grad(functools.partial(
+        latent.latent_loss, model=model, codes=batch['image'], rng=rng, loss_type=train_config.loss,
+        **diffusion_config))(state.params)
     return _finish(state, grads, loss, tx=tx, ema_decay=train_config.ema_decay, schedule=schedule)
 
   return step

