@@ -14,6 +14,16 @@ OPTIMIZERS = ('adam', 'adamw')
 LR_SCHEDULES = ('constant', 'linear_decay')
 
 
+# Progressive distillation's U-Nets (google-research diffusion_distillation config/*_base.py): 60.0M and 295.9M
+# parameters. Their base models train with dropout; their distillation runs with dropout 0.
+CIFAR10_UNET = dict(image_size=32, channels=3, ch=256, emb_ch=1024, ch_mult=(1, 1, 1), num_res_blocks=3,
+                    attn_resolutions=(8, 16), num_heads=1, head_dim=None, dropout=0.2, resblock_resample=True,
+                    num_classes=0, output_type='x', dtype='float32')
+IMAGENET64_UNET = dict(image_size=64, channels=3, ch=192, emb_ch=768, ch_mult=(1, 2, 3, 4), num_res_blocks=3,
+                       attn_resolutions=(8, 16, 32), num_heads=None, head_dim=64, dropout=0.1,
+                       resblock_resample=True, num_classes=1000, output_type='both', dtype='float32')
+
+
 class ConfigError(ValueError):
   """A config that cannot work; the message says which key to change and how."""
 
@@ -231,7 +241,8 @@ def validate(config):
                                      f'the last)')
   if config.evaluate.features not in ('auto', 'inception', 'classifier'):
     _fail('evaluate.features', f"must be auto, inception or classifier, got {config.evaluate.features!r}")
-  if config.evaluate.features == 'inception' and not config.evaluate.inception_weights:
+  if ('evaluate' in config.phases and config.evaluate.features == 'inception'
+      and not config.evaluate.inception_weights):
     _fail('evaluate.inception_weights', 'features=inception needs the .npz of Inception weights; make it with '
                                         '`python -m sferd_jax.evaluation.export_inception SRC.pt OUT.npz` (README)')
   if config.evaluate.num_samples < 2 or config.evaluate.round_size < 1:

@@ -60,11 +60,16 @@ def model_info(config, *, name, phase, num_steps, **extra):
               diffusion=config.diffusion.to_dict(), **extra)
 
 
+# Model keys that change how a model runs but not its parameters: a teacher trained with dropout 0.2 is
+# distilled with dropout 0 (as in progressive distillation), and a float32 export may run in bfloat16.
+NOT_ARCHITECTURE = ('dropout', 'dtype')
+
+
 def check_architecture(export_path, config):
   """An exported model must have the architecture of config.model, or nothing downstream can use it."""
   saved, wanted = checkpointing.read_info(export_path)['model'], config_lib.to_json(config.model)
-  if saved != wanted:
-    diff = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
+  diff = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v and k not in NOT_ARCHITECTURE}
+  if diff:
     raise loop.IncompatibleRunError(
         f'{export_path} holds a model whose architecture differs from config.model (key: (saved, config)): {diff}. '
         f'Use a new --workdir, or set config.model to the saved architecture.')
