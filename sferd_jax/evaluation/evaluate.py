@@ -430,7 +430,7 @@ def draw_round(model, config, variant, round_index, n):
 def variant_features(model, config, variant, directory, feature_fn, *, log_prefix=''):
   """Features of all num_samples samples of a variant, drawing (and saving) only the rounds not on disk."""
   sizes = round_sizes(config.evaluate.num_samples, config.evaluate.round_size)
-  parts, drawn_s, drawn = [], 0.0, 0
+  parts, times = [], []
   for r, n in enumerate(sizes):
     feature_path = round_path(directory, r, '.features.npz')
     features = _cached_features(feature_path, feature_fn.extractor, n)
@@ -441,10 +441,12 @@ def variant_features(model, config, variant, directory, feature_fn, *, log_prefi
         start = time.time()
         images = draw_round(model, config, variant, r, n)
         save_npz_atomic(sample_path, images=images)
-        drawn_s, drawn = drawn_s + time.time() - start, drawn + 1
+        times.append(time.time() - start)
         remaining = sum(1 for i in range(r + 1, len(sizes)) if not os.path.exists(round_path(directory, i)))
-        logging.info('%sround %d/%d (%d samples) in %.1f s | ETA %s', log_prefix, r + 1, len(sizes), n,
-                     time.time() - start, _format_eta(drawn_s / drawn * remaining))
+        # The first round of a call includes compilation: leave it out of the rate once there are others.
+        per_round = np.mean(times[1:] if len(times) > 1 else times)
+        logging.info('%sround %d/%d (%d samples) in %.1f s, %.1f samples/s | ETA %s', log_prefix, r + 1, len(sizes),
+                     n, times[-1], n / max(times[-1], 1e-9), _format_eta(per_round * remaining))
       features = extract(feature_fn, images)
       save_npz_atomic(feature_path, extractor=np.str_(feature_fn.extractor), **features)
     parts.append(features)
@@ -527,9 +529,14 @@ def run_evaluate(config, workdir, *, mesh=None):
   """
   del mesh  # sample() shards each batch over the local devices itself.
   cfg = config.evaluate
+  directory = os.path.join(workdir, EVAL_DIR)
+  if jax.process_index() != 0:
+    # One writer for the round files; sample() runs on one process's devices, so the others would only race it.
+    logging.info('evaluate: process %d leaves the evaluation to process 0', jax.process_index())
+    return dict(rows=[], extractor=None, results=os.path.join(directory, RESULTS_JSON),
+                table=os.path.join(directory, RESULTS_MD))
   if cfg.num_samples < 2 or cfg.round_size < 1:
     raise config_lib.ConfigError('config.evaluate: num_samples must be >= 2 and round_size >= 1')
-  directory = os.path.join(workdir, EVAL_DIR)
   paths = model_paths(config, workdir)  # Fails before any training of a classifier when there is no model.
   feature_fn = feature_fn_for(config, workdir)
   extractor = feature_fn.extractor
