@@ -233,12 +233,13 @@ def _load_model(config, workdir):
 
 def _real_images(config, model, num_images):
   """num_images images of config.data (a seeded subset), as floats in [-1, 1], and their labels."""
-  from sferd_jax.training import pipeline  # pylint: disable=g-import-not-at-top  (pipeline imports evaluation)
+  # Imported here: the training pipeline imports the evaluation package for its evaluate phase.
+  from sferd_jax.training import pipeline  # pylint: disable=g-import-not-at-top
   source = data_lib.load_source(pipeline.data_config(config))
   want = (model.config.model.image_size, model.config.model.image_size, model.config.model.channels)
   if tuple(source.image_shape) != want:
-    raise config_lib.ConfigError(f'{model.path} takes {want} images but config.data gives {source.describe()}: set config.model '
-                     'to the analysed model\'s image_size and channels')
+    raise config_lib.ConfigError(f'{model.path} takes {want} images but config.data gives {source.describe()}: '
+                                 "set config.model's image_size and channels to the analysed model's")
   indices = np.sort(np.random.default_rng(config.seed).permutation(len(source))[:num_images])
   images, labels = source.read(indices, num_threads=16)
   return images.astype(np.float32) / 127.5 - 1.0, labels.astype(np.int32), source.describe()
@@ -252,18 +253,20 @@ def run_analysis(config, workdir):
   """The fitting-error analysis of config.analyze.model; writes <workdir>/analyze/ and returns the summary."""
   cfg = config.analyze
   if cfg.num_images < 1 or cfg.num_noises < 2 or not cfg.times:
-    raise config_lib.ConfigError('config.analyze: num_images must be >= 1, num_noises >= 2 (a variance needs two draws) and '
-                     'times non-empty')
+    raise config_lib.ConfigError('config.analyze: num_images must be >= 1, num_noises >= 2 (a variance needs two '
+                                 'draws) and times non-empty')
   if any(not 0.0 < t < 1.0 for t in cfg.times):
     raise config_lib.ConfigError(f'config.analyze.times must lie in (0, 1), got {tuple(cfg.times)}')
   model = _load_model(config, workdir)
   model_config = model.config.model
   x0, labels, data_description = _real_images(config, model, cfg.num_images)
-  blocks = [dict(name=b.name, resolution=b.resolution, channels=b.channels) for b in unet.attention_blocks(model_config)]
+  blocks = [dict(name=b.name, resolution=b.resolution, channels=b.channels)
+            for b in unet.attention_blocks(model_config)]
   logging.info('analyze: %s, %d images of %s, %d noises, t in %s, %d attention blocks', model.path, len(x0),
                data_description, cfg.num_noises, tuple(cfg.times), len(blocks))
   key = jax.random.fold_in(jax.random.key(config.seed), _NOISE_TAG)
-  noises = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(key, k), x0.shape)) for k in range(cfg.num_noises)])
+  noises = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(key, k), x0.shape))
+                     for k in range(cfg.num_noises)])
   predict = make_predict_fn(model_config)
   diffusion = dict(model.config.diffusion)
   out_dir = os.path.join(workdir, ANALYZE_DIR)
