@@ -73,7 +73,7 @@ def _sampler(model_json, diffusion_json, guidance_json, semantic_json, sampler, 
   diffusion_config = json.loads(diffusion_json)
   make_denoise = attention_guidance.denoise_factory(model_config, json.loads(guidance_json))
   semantic_config = json.loads(semantic_json)
-  mesh = sharding.make_mesh(jax.devices()[:num_devices])
+  mesh = sharding.make_mesh(jax.local_devices()[:num_devices])  # this process's devices only
   rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh, leading_axes=0)
 
   def run(params, z, labels, rng, num_steps, semantic_params):

@@ -13,6 +13,7 @@ import os
 import shutil
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -102,6 +103,7 @@ def export_model(path, *, trees, info):
                           f'use a new --workdir.')
   if os.path.exists(path) and jax.process_index() == 0:
     shutil.rmtree(path)  # an export interrupted before model.json was written
+  multihost_utils.sync_global_devices(f'export cleared {path}')
   checkpointer = ocp.StandardCheckpointer()
   for name, tree in trees.items():
     checkpointer.save(os.path.join(path, name), tree)
@@ -112,6 +114,7 @@ def export_model(path, *, trees, info):
     with open(tmp, 'w') as f:
       json.dump(info, f, indent=2, sort_keys=True)
     os.replace(tmp, os.path.join(path, MODEL_JSON))
+  multihost_utils.sync_global_devices(f'exported {path}')  # every process may read it next
 
 
 def read_info(path):

@@ -172,7 +172,7 @@ def run_phase(phase, *, batches, mesh, rng):
   def write_grid(step):
     if phase.sample_fn is not None and jax.process_index() == 0:
       grid_path = os.path.join(phase.directory, 'samples', f'step_{step:08d}.png')
-      images_lib.save_grid(grid_path, phase.sample_fn(state.export_params))
+      images_lib.save_grid(grid_path, phase.sample_fn(sharding.host_local(state.export_params)))
       logging.info('%s: wrote %s', phase.name, grid_path)
 
   try:

@@ -13,6 +13,7 @@ import json
 import os
 
 import jax
+import ml_collections
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
@@ -21,6 +22,8 @@ from sferd_jax import config as config_lib
 from sferd_jax import data as data_lib
 from sferd_jax import images as images_lib
 from sferd_jax import sampling
+from sferd_jax.diffusion import samplers
+from sferd_jax.models import denoiser
 from sferd_jax.models import latent as latent_lib
 from sferd_jax.models import semantic as semantic_lib
 from sferd_jax.models import unet
@@ -205,6 +208,8 @@ def write_stage_table(directory, rows):
 
 def write_comparison(config, workdir, *, student_steps=(4, 2, 1), num_samples=8):
   """samples/comparison.png: the teacher (top row) and the students of `student_steps` from the same noise."""
+  if jax.process_index() != 0:
+    return
   rows, names = [], []
   candidates = [('teacher', os.path.join(workdir, 'teacher', 'model'))]
   for stage in range(1, config_lib.num_stages(config) + 1):
@@ -215,7 +220,7 @@ def write_comparison(config, workdir, *, student_steps=(4, 2, 1), num_samples=8)
       model = sampling.load(path)
       rows.append(model.sample(jax.random.key(config.seed), num_samples=num_samples))
       names.append(f'{name} ({model.config.num_steps} steps)')
-  if rows and jax.process_index() == 0:
+  if rows:
     path = os.path.join(workdir, 'samples', 'comparison.png')
     images_lib.save_grid(path, np.concatenate(rows), columns=num_samples)
     with open(os.path.join(workdir, 'samples', 'comparison.txt'), 'w') as f:
@@ -268,12 +273,49 @@ def run_semantic(config, workdir, *, mesh=None):
         name=f'semantic stage {stage} ({num_steps}-step student)', directory=directory, train_config=train_config,
         step=step, init_state=init(rng), extra_args=(student.params, teacher_params, jnp.int32(num_steps)),
         meta=dict(semantic=config.sferd.semantic.to_dict(), data=data_config(config), seed=config.seed,
-                  loss=train_config.loss, student=checkpointing.fingerprint(student.params)))
+                  loss=train_config.loss, student=checkpointing.fingerprint(student.params)),
+        sample_fn=reconstruction_sampler(config, student, batches.get(0)))
     state, summary = loop.run_phase(phase, batches=batches, mesh=mesh, rng=rng)
     checkpointing.export_model(export_path, trees={'params': state.export_params}, info=dict(
         name=f'stage_{stage}_semantic', phase='semantic', stage=stage, num_steps=num_steps,
         semantic=config.sferd.semantic.to_dict(), student=student_path, summary=summary))
     logging.info('semantic stage %d: exported to %s', stage, export_path)
+
+
+def reconstruction_sampler(config, student, batch, *, num_images=8):
+  """Semantic-phase grids: real images (top row) and the shifted student's samples from z_sem = E_phi(them).
+
+  The student starts from noise; only the code carries the image, so resemblance shows what G_tau has learnt.
+  """
+  encoder, predictor = semantic_lib.make_semantic_models(config.model, config.sferd.semantic)
+  x0, labels = batch['image'][0, :num_images], batch['label'][0, :num_images]
+  labels = denoiser.labels_or_none(config.model, labels)
+  z = jax.random.normal(jax.random.key(config.seed), x0.shape)
+  diffusion_config = config.diffusion.to_dict()
+
+  @jax.jit
+  def run(semantic_params, student_params):
+    z_sem = encoder.apply({'params': semantic_params['encoder']}, x0)
+    denoise = semantic_lib.shifted_denoise_fn(
+        student=unet.make_unet(config.model), student_params=student_params, output_type=config.model.output_type,
+        predictor=predictor, predictor_params=semantic_params['predictor'], z_sem=z_sem, labels=labels)
+    return samplers.sample_loop(denoise_fn=denoise, z_init=z, num_steps=student.config.num_steps,
+                                rng=jax.random.key(config.seed), **diffusion_config)
+
+  return lambda params: np.concatenate([images_lib.to_uint8(x0), images_lib.to_uint8(run(params, student.params))])
+
+
+def semantic_sampler(config, student, semantic_params, stats):
+  """Latent-phase grids: the student with its predictor and codes drawn from the latent model being trained."""
+  def sample_fn(latent_params):
+    predictor = sampling.SemanticPredictor(
+        params=semantic_params, latent_params=latent_params, stats={'mean': stats.mean, 'std': stats.std},
+        config=ml_collections.ConfigDict({'semantic': config.sferd.semantic.to_dict(),
+                                          'latent': config.sferd.latent.to_dict()}))
+    return sampling.sample(student.params, jax.random.key(config.seed), model_config=config.model,
+                           num_samples=GRID_SAMPLES, num_steps=student.config.num_steps,
+                           diffusion_config=config.diffusion.to_dict(), semantic=predictor)
+  return sample_fn
 
 
 class CodeBatches(data_lib.Batches):
@@ -329,7 +371,9 @@ def run_latent(config, workdir, *, mesh=None):
         init_state=lambda rng=rng: state_lib.TrainState.create(
             params=latent_lib.init_latent_params(model, rng, dim=dim), tx=tx, ema_decay=train_config.ema_decay),
         meta=dict(latent=config.sferd.latent.to_dict(), seed=config.seed, loss=train_config.loss,
-                  encoder=checkpointing.fingerprint(semantic_params['encoder'])))
+                  encoder=checkpointing.fingerprint(semantic_params['encoder'])),
+        sample_fn=semantic_sampler(config, sampling.load(_finished_stage(workdir, stage, 'the latent phase')),
+                                   semantic_params, stats))
     batches = CodeBatches(np.asarray(latent_lib.normalize(codes, stats)), global_batch_size=train_config.batch_size,
                           seed=config.seed + 3)
     state, summary = loop.run_phase(phase, batches=batches, mesh=mesh, rng=rng)

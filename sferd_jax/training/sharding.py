@@ -59,6 +59,13 @@ def put_replicated(tree, mesh):
   return jax.device_put(tree, replicated(mesh))
 
 
+def host_local(tree):
+  """Replicated global arrays -> this process's own copy, so one process can use them alone (e.g. to sample a
+  grid on its local devices while the others wait)."""
+  return jax.tree.map(lambda x: x if not isinstance(x, jax.Array) or x.is_fully_addressable
+                      else x.addressable_data(0), tree)
+
+
 def jit_step(step, mesh, *, num_extra_args=0):
   """jit(step)(state, batches, rng, *extra): state donated and replicated, batches sharded."""
   rep = replicated(mesh)
