@@ -215,3 +215,17 @@ def test_unwritable_workdir(tmp_path):
   blocker.write_text('not a folder')
   with pytest.raises(checkpointing.CheckpointError, match='--workdir'):
     checkpointing.PhaseCheckpoints(str(blocker / 'teacher'), keep=1)
+
+
+def test_export_from_four_devices_loads_on_one(tiny_run):
+  """A model exported by a 4-device run (the test session) loads and samples in a 1-device process."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  workdir, _ = tiny_run
+  code = ('import jax; from sferd_jax import sampling; assert jax.device_count() == 1; '
+          f'm = sampling.load({workdir!r}); print(m.sample(jax.random.key(0), num_samples=2).shape)')
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', JAX_PLATFORMS='cpu',
+             PYTHONPATH=os.pathsep.join([tiny.ROOT, os.environ.get('PYTHONPATH', '')]))
+  out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert '(2, 8, 8, 1)' in out.stdout

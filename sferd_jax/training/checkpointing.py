@@ -133,9 +133,18 @@ def read_info(path):
 
 
 def load_tree(path, name, like):
-  """Restores tree `name` of an export into the shapes of `like` (a tree of arrays or ShapeDtypeStructs)."""
+  """Restores tree `name` of an export into the shapes of `like` (a tree of arrays or ShapeDtypeStructs).
+
+  Leaves without a sharding are restored replicated over this process's devices, whatever the device count of
+  the run that saved them: a model trained on 8 GPUs loads on a laptop.
+  """
+  replicated = jax.sharding.NamedSharding(
+      jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,)),
+      jax.sharding.PartitionSpec())
+  like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                     sharding=getattr(x, 'sharding', None) or replicated), like)
   try:
-    return ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), name), _abstract(like))
+    return ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), name), like)
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointError(f'{path}/{name} cannot be restored ({type(e).__name__}: {e}). The export is corrupt or '
                           f'its architecture differs from the config it was loaded with.') from None
