@@ -1,0 +1,306 @@
+r"""Writes notebooks/sferd_quickstart.ipynb (nbformat 4.5, no outputs) from the cells below.
+
+  python notebooks/make_notebooks.py
+
+Edit the cells here, not the .ipynb: tests/test_notebooks.py checks the two agree and runs every code cell on the
+tiny config. Code cells must run top to bottom in one namespace, on a CPU, on any config in configs/.
+"""
+
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+QUICKSTART = os.path.join(HERE, 'sferd_quickstart.ipynb')
+
+INTRO = r"""# SFERD quickstart: distil a diffusion model to a few steps, in JAX
+
+**SFERD** ("Reducing Spatial Fitting Error in Distillation of Denoising Diffusion Models", Zhou et al., AAAI 2024,
+[arXiv 2311.03830](https://arxiv.org/abs/2311.03830)) is progressive distillation with two additions:
+
+1. **an attention-guided teacher**: where the teacher's self-attention concentrates ("risky" regions, where its
+   fitting error is largest), the image is blurred, re-noised and denoised again, and the teacher's prediction is
+   pushed away from that degraded one. The student learns from this guided teacher.
+2. **a semantic gradient predictor**: a small network, trained on the frozen student, that shifts the student's
+   prediction using a semantic code; at sampling time the code comes from a small latent diffusion model.
+
+This notebook runs the whole pipeline of `sferd_jax` on the embedded digits dataset (no download), through the
+Python API: train a teacher, distil it stage by stage (each stage halves the number of sampling steps), train the
+semantic predictor of the last stage, then compare the teacher with its few-step students, sample the teacher with
+attention guidance, switch the semantic predictor on and off, and look at one attention map and its risky mask.
+
+**Runtime, honestly.** The training cell runs `configs/quickstart.py`; its header says how long it takes on a
+2-core CPU, and a Colab CPU runtime is of that order. A GPU or TPU runtime is faster, mostly compilation. The
+samples of a quickstart-sized model are rough digits, not benchmark quality: the real configs are
+`configs/cifar10_*.py` and `configs/imagenet64_*.py`, run from the command line (see `launch/`). Re-running the
+training cell resumes where it stopped and skips finished phases, so a disconnected runtime loses little (unless
+the workdir itself was lost: point `WORKDIR` at a mounted Drive folder to keep it). This notebook is executed by
+the repository's tests on a tiny config on a CPU; it has not been run on Colab's own GPU or TPU runtimes by us.
+"""
+
+SETUP_MD = r"""## Set-up
+
+This notebook needs the `sferd_jax` package. In a local checkout where it is installed (`pip install -e .`), the
+next cell just checks that. On Colab, first put the repository on the runtime yourself (upload and unzip it, or
+`git clone` it, or copy it from your Drive), then set `REPO_DIR` below to that folder once and run the cell: it
+installs the package from there with `%pip install -e`. If pip upgraded JAX, restart the session
+(Runtime > Restart session) and run the notebook again from the top.
+
+On a Colab TPU runtime JAX finds the TPU by itself: no driver set-up cell is needed (the old
+`jax.tools.colab_tpu.setup_tpu()` was for a retired runtime and must not be called).
+"""
+
+SETUP = r"""import importlib.util
+import os
+import sys
+
+REPO_DIR = ''  # e.g. '/content/sferd_jax': the folder holding setup.py, sferd_jax/ and configs/
+
+if importlib.util.find_spec('sferd_jax') is None:
+  if not REPO_DIR or not os.path.exists(os.path.join(REPO_DIR, 'setup.py')):
+    raise RuntimeError('sferd_jax is not installed. Put the repository on this machine, set REPO_DIR above to its '
+                       'folder (the one holding setup.py) and run this cell again.')
+  %pip install -q -e {REPO_DIR}
+  sys.path.insert(0, REPO_DIR)  # an editable install is only seen by new processes; this one imports from here
+
+import sferd_jax
+PACKAGE_DIR = os.path.abspath(list(sferd_jax.__path__)[0])
+ROOT = REPO_DIR or os.path.dirname(PACKAGE_DIR)  # configs/ sits beside the package in a checkout
+print('sferd_jax from', PACKAGE_DIR)
+"""
+
+IMPORTS = r"""import importlib.util
+import logging as std_logging
+import time
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import matplotlib.pyplot as plt
+import numpy as np
+
+from sferd_jax import config as config_lib
+from sferd_jax import images as images_lib
+from sferd_jax import sampling
+from sferd_jax.diffusion import process
+from sferd_jax.models import unet
+from sferd_jax.sferd import attention_guidance
+from sferd_jax.training import checkpointing
+from sferd_jax.training import pipeline
+
+logging.set_verbosity(logging.INFO)  # one progress line per logged step; Orbax's per-save lines are dropped
+std_logging.getLogger('absl').addFilter(lambda r: r.levelno >= std_logging.WARNING or '/orbax/' not in r.pathname)
+print('JAX', jax.__version__, 'devices:', jax.devices())
+"""
+
+CONFIG_MD = r"""## The config and the run folder
+
+A config is a Python file in `configs/` whose `get_config()` returns an `ml_collections.ConfigDict`; it is loaded
+here straight from its path. `WORKDIR` is the run folder: checkpoints, exported models, sample grids, metrics.
+"""
+
+CONFIG = r"""CONFIG = os.environ.get('SFERD_NOTEBOOK_CONFIG', 'configs/quickstart.py')
+WORKDIR = os.environ.get('SFERD_NOTEBOOK_WORKDIR', 'runs/notebook_quickstart')
+
+
+def load_config(path):
+  spec = importlib.util.spec_from_file_location('notebook_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+config = load_config(CONFIG if os.path.exists(CONFIG) else os.path.join(ROOT, CONFIG))
+config_lib.validate(config)
+print('phases:', config.phases, '| teacher steps:', config.distill.start_num_steps, '->',
+      config.distill.end_num_steps, 'in', config_lib.num_stages(config), 'halvings | workdir:', WORKDIR)
+"""
+
+TRAIN_MD = r"""## Train: teacher, distillation stages, semantic predictor
+
+`run_pipeline` runs every phase in `config.phases` in order. Each phase exports its model; a finished phase is
+skipped, so this cell also resumes an interrupted run. It is the same as
+`python -m sferd_jax.main --config=configs/quickstart.py --workdir=runs/notebook_quickstart`.
+"""
+
+TRAIN = r"""start = time.time()
+pipeline.run_pipeline(config, WORKDIR)
+print(f'pipeline finished (or already done) in {time.time() - start:.0f} s')
+"""
+
+LOAD_MD = r"""## Load the teacher and the students
+
+`sampling.load` reads an exported model: its parameters and everything needed to sample it. Each distillation
+stage's student samples with half the steps of its teacher.
+"""
+
+LOAD = r"""teacher = sampling.load(os.path.join(WORKDIR, 'teacher', 'model'))
+students = []
+for stage in range(1, config_lib.num_stages(config) + 1):
+  path = os.path.join(pipeline.stage_dir(WORKDIR, stage), 'model')
+  if checkpointing.is_exported(path):
+    students.append(sampling.load(path))
+print(f'teacher: {teacher.config.num_steps} steps')
+for s in students:
+  print(f'{s.config.name}: {s.config.num_steps} steps' + (', with a semantic predictor' if s.has_semantic else ''))
+if not students:
+  print('no distilled students: add "distill" to config.phases to distil the teacher')
+# The students shown below: those of 4, 2 and 1 steps, else the last three.
+shown = [s for s in students if s.config.num_steps in (4, 2, 1)] or students[-3:]
+"""
+
+COMPARE_MD = r"""## Teacher vs students, from the same noise
+
+Every row starts from the same noise (`sample` draws sample i's noise from the key and i only). The last row is
+the teacher itself at one step: what distillation buys.
+"""
+
+COMPARE = r"""NUM = 8
+rng = jax.random.key(0)
+FIGURES = {}
+
+
+def steps(n):
+  return f'{n} step' + ('s' if n > 1 else '')
+
+
+def show(rows, title):
+  # rows: [(label, uint8 images (N, H, W, C))]; one grid per row.
+  fig, axes = plt.subplots(len(rows), 1, figsize=(NUM * 0.9, 1.3 * len(rows)), squeeze=False)
+  for ax, (label, images) in zip(axes[:, 0], rows):
+    image = images_lib.grid(images, columns=len(images))
+    ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap='gray', vmin=0, vmax=255)
+    ax.set_title(label, fontsize=9, loc='left')
+    ax.axis('off')
+  fig.suptitle(title)
+  fig.tight_layout()
+  plt.show()
+  return fig
+
+
+teacher_images = teacher.sample(rng, num_samples=NUM)
+rows = [(f'teacher, {steps(teacher.config.num_steps)}', teacher_images)]
+rows += [(f'{s.config.name} student, {steps(s.config.num_steps)}', s.sample(rng, num_samples=NUM)) for s in shown]
+rows.append(('teacher, 1 step', teacher.sample(rng, num_samples=NUM, num_steps=1)))
+FIGURES['teacher_vs_students'] = show(rows, 'same noise, fewer steps')
+"""
+
+GUIDANCE_MD = r"""## The attention-guided teacher
+
+The guided teacher is what SFERD distils from when `config.sferd.attention_guidance.enabled` is on. The same
+settings sample the teacher with guidance (`guidance=...`): `weight` sets how far the prediction moves away from
+the blurred one, `block` which attention block's map decides what is risky.
+"""
+
+GUIDANCE = r"""guidance = dict(config.sferd.attention_guidance, enabled=True)
+guided_images = teacher.sample(rng, num_samples=NUM, guidance=guidance)
+FIGURES['guidance'] = show([('teacher', teacher_images), (f"teacher, attention-guided (weight {guidance['weight']})",
+                                                         guided_images)], 'attention guidance')
+print('mean |guided - plain| in grey levels:',
+      np.abs(guided_images.astype(np.float32) - teacher_images.astype(np.float32)).mean())
+"""
+
+SEMANTIC_MD = r"""## The semantic gradient predictor, on and off
+
+A stage listed in `config.sferd.semantic.stages` (by default the last) gets a predictor and a latent model that
+draws its semantic codes. `semantic=True` samples the student with it; off is the plain student, exactly.
+"""
+
+SEMANTIC = r"""last = students[-1] if students else None
+if last is not None and last.has_semantic:
+  FIGURES['semantic'] = show([(f'{last.config.name}, plain', last.sample(rng, num_samples=NUM)),
+                              (f'{last.config.name}, semantic predictor on', last.sample(rng, num_samples=NUM,
+                                                                                          semantic=True))],
+                             f'{last.config.num_steps}-step student with and without its predictor')
+else:
+  print('the last student has no semantic predictor: put "semantic" and "latent" in config.phases')
+"""
+
+ATTENTION_MD = r"""## One attention map and its risky mask
+
+The U-Net's attention blocks record their softmax probabilities when asked (`capture_attention`) and the apply is
+made with `mutable=['intermediates']`. Summing a map over its queries gives how much attention each position draws;
+positions above the average (`threshold` 1.0) form the risky mask that guidance blurs. Here the teacher looks at
+its own samples, noised to log-SNR 0 (half signal, half noise).
+"""
+
+ATTENTION = r"""model_config = teacher.config.model
+block = attention_guidance.guidance_block(model_config, config.sferd.attention_guidance)
+capturing = unet.make_unet(model_config, capture_attention=(block,))
+x = jnp.asarray(teacher_images, jnp.float32) / 127.5 - 1.0
+logsnr = jnp.zeros((NUM,))
+z = process.diffuse(x=x, eps=jax.random.normal(jax.random.key(1), x.shape), logsnr=logsnr)
+labels = jnp.zeros((NUM,), jnp.int32) if model_config.num_classes else None
+_, state = capturing.apply({'params': teacher.params}, z, logsnr, labels, train=False, mutable=['intermediates'])
+probs = unet.attention_probs(state)[block]  # (batch, heads, queries, keys)
+side = int(np.sqrt(probs.shape[-1]))
+mass = np.asarray(probs.mean(axis=1).sum(axis=1)).reshape(NUM, side, side)  # attention drawn; 1.0 = the average
+mask = np.asarray(attention_guidance.risky_mask(probs, image_hw=model_config.image_size,
+                                                threshold=config.sferd.attention_guidance['threshold']))
+
+fig, axes = plt.subplots(3, NUM, figsize=(NUM * 0.9, 3.0), squeeze=False)
+panels = (('noisy input', np.asarray(z[..., 0]), 'gray'), (f'{block} mass', mass, 'magma'),
+          ('risky mask', mask[..., 0], 'gray'))
+for row, (label, images, cmap) in enumerate(panels):
+  for i in range(NUM):
+    axes[row, i].imshow(images[i], cmap=cmap)
+    axes[row, i].axis('off')
+  axes[row, 0].set_title(label, fontsize=8, loc='left')
+fig.tight_layout()
+plt.show()
+FIGURES['attention'] = fig
+print(f'{block}: {probs.shape[1]} heads over a {side}x{side} grid; risky fraction {mask.mean():.2f}')
+"""
+
+NEXT_MD = r"""## Next
+
+- The same run from a terminal: `python -m sferd_jax.main --config=configs/quickstart.py --workdir=runs/quickstart`;
+  any config key can be overridden, e.g. `--config.sferd.attention_guidance.weight=0.5`.
+- Sample an exported model: `--mode=sample --config.sample.num_steps=1`, or `sampling.load(workdir).sample(...)`.
+- CIFAR-10 and ImageNet 64x64 configs, and launch scripts for GPU machines, SLURM clusters and TPU pods: `configs/`,
+  `launch/README.md`.
+"""
+
+
+def cell(kind, source, cell_id):
+  lines = source.strip('\n').split('\n')
+  out = {'cell_type': kind, 'id': cell_id, 'metadata': {},
+         'source': [line + '\n' for line in lines[:-1]] + [lines[-1]]}
+  if kind == 'code':
+    out.update(execution_count=None, outputs=[])
+  return out
+
+
+def quickstart():
+  cells = [('markdown', INTRO, 'intro'), ('markdown', SETUP_MD, 'setup-md'), ('code', SETUP, 'setup'),
+           ('code', IMPORTS, 'imports'), ('markdown', CONFIG_MD, 'config-md'), ('code', CONFIG, 'config'),
+           ('markdown', TRAIN_MD, 'train-md'), ('code', TRAIN, 'train'), ('markdown', LOAD_MD, 'load-md'),
+           ('code', LOAD, 'load'), ('markdown', COMPARE_MD, 'compare-md'), ('code', COMPARE, 'compare'),
+           ('markdown', GUIDANCE_MD, 'guidance-md'), ('code', GUIDANCE, 'guidance'),
+           ('markdown', SEMANTIC_MD, 'semantic-md'), ('code', SEMANTIC, 'semantic'),
+           ('markdown', ATTENTION_MD, 'attention-md'), ('code', ATTENTION, 'attention'),
+           ('markdown', NEXT_MD, 'next')]
+  return {
+      'cells': [cell(*c) for c in cells],
+      'metadata': {
+          'colab': {'name': 'sferd_quickstart.ipynb', 'provenance': []},
+          'kernelspec': {'display_name': 'Python 3', 'language': 'python', 'name': 'python3'},
+          'language_info': {'name': 'python'},
+      },
+      'nbformat': 4,
+      'nbformat_minor': 5,
+  }
+
+
+def render(notebook):
+  return json.dumps(notebook, indent=1, ensure_ascii=False) + '\n'
+
+
+def main():
+  with open(QUICKSTART, 'w', encoding='utf-8') as f:
+    f.write(render(quickstart()))
+  print('wrote', QUICKSTART, file=sys.stderr)
+
+
+if __name__ == '__main__':
+  main()
