@@ -19,11 +19,12 @@ from ml_collections import config_flags
 
 from sferd_jax import config as config_lib
 
-MODES = ('pipeline', 'train_teacher', 'distill', 'sample')
+MODES = ('pipeline', 'train_teacher', 'distill', 'semantic', 'latent', 'sample', 'evaluate', 'analyze')
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path of a config file in configs/.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder: checkpoints, exported models, samples, metrics.')
-_MODE = flags.DEFINE_enum('mode', 'pipeline', MODES, 'pipeline runs every phase in config.phases, in order.')
+_MODE = flags.DEFINE_enum('mode', 'pipeline', MODES, 'pipeline runs every phase in config.phases, in order; the '
+                          'others run one phase (resuming it) or a tool: sample, evaluate, analyze.')
 
 
 class _QuietOrbax(std_logging.Filter):
@@ -54,24 +55,31 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   from sferd_jax.training import pipeline, sharding  # pylint: disable=g-import-not-at-top
   from sferd_jax import sampling  # pylint: disable=g-import-not-at-top
+  from sferd_jax.evaluation import evaluate, fitting_error  # pylint: disable=g-import-not-at-top
   config, workdir = _CONFIG.value, _WORKDIR.value
   try:
     if config is None or not workdir:
       raise config_lib.ConfigError('pass --config=configs/<name>.py and --workdir=<run folder>')
+    if '://' in workdir:
+      raise config_lib.ConfigError(f'--workdir={workdir}: use a local or shared POSIX folder (a mounted bucket '
+                                   f'works); sferd_jax writes its run folder with ordinary file operations')
     config_lib.validate(config)
     try:
       _save_config(config, workdir)
     except OSError as e:
       raise config_lib.ConfigError(f'--workdir={workdir} is not writable ({e}); choose another folder') from None
     sharding.initialize_distributed()
-    if _MODE.value == 'pipeline':
-      pipeline.run_pipeline(config, workdir)
-    elif _MODE.value == 'train_teacher':
-      pipeline.run_teacher(config, workdir)
-    elif _MODE.value == 'distill':
-      pipeline.run_distill(config, workdir)
-    elif _MODE.value == 'sample':
-      sampling.write_samples(config, workdir)
+    modes = {
+        'pipeline': pipeline.run_pipeline,
+        'train_teacher': pipeline.run_teacher,
+        'distill': pipeline.run_distill,
+        'semantic': pipeline.run_semantic,
+        'latent': pipeline.run_latent,
+        'sample': sampling.write_samples,
+        'evaluate': evaluate.run_evaluate,
+        'analyze': fitting_error.run_analysis,
+    }
+    modes[_MODE.value](config, workdir)
   except _user_errors() as e:
     logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)

@@ -212,10 +212,20 @@ def test_initialize_distributed_is_a_no_op_on_one_host(monkeypatch):
   assert jax.process_count() == 1 and jax.process_index() == 0
 
 
-@pytest.mark.xfail(reason='sharding.initialize_distributed() treats SLURM_NTASKS alone (an salloc shell, or an sbatch '
-                          'script run without srun) as a multi-host job; JAX then finds no SLURM step and raises '
-                          '"coordinator_address should be defined". launch/gpu_local.sh unsets SLURM_* to avoid it.',
-                   strict=False)
+@pytest.mark.parametrize('env, multi', [
+    ({}, False),
+    ({'SLURM_NTASKS': '4', 'SLURM_JOB_ID': '1'}, False),  # salloc / sbatch before srun: no job step
+    ({'SLURM_NTASKS': '1', 'SLURM_STEP_NODELIST': 'n1', 'SLURM_PROCID': '0'}, False),
+    ({'SLURM_NTASKS': '2', 'SLURM_STEP_NODELIST': 'n[1-2]', 'SLURM_PROCID': '1'}, True),
+    ({'OMPI_COMM_WORLD_SIZE': '8'}, False),
+    ({'OMPI_COMM_WORLD_SIZE': '8', 'OMPI_MCA_orte_hnp_uri': 'x'}, True),
+    ({'JAX_COORDINATOR_ADDRESS': '10.0.0.2:8482'}, True),
+    ({'TPU_WORKER_HOSTNAMES': 'a,b'}, True),
+])
+def test_multi_host_environment(env, multi):
+  assert sharding.multi_host_environment(env) == multi
+
+
 def test_initialize_distributed_inside_a_slurm_allocation_without_srun():
   # A fresh process: jax.distributed.initialize() must come before the backend starts.
   env = {k: v for k, v in os.environ.items() if k not in MULTI_HOST_VARS and not k.startswith('SLURM_')}

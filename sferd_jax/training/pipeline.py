@@ -23,6 +23,7 @@ from sferd_jax import data as data_lib
 from sferd_jax import images as images_lib
 from sferd_jax import sampling
 from sferd_jax.diffusion import samplers
+from sferd_jax.evaluation import evaluate
 from sferd_jax.models import denoiser
 from sferd_jax.models import latent as latent_lib
 from sferd_jax.models import semantic as semantic_lib
@@ -389,10 +390,9 @@ def run_pipeline(config, workdir):
   mesh = sharding.make_mesh()
   if 'distill' in config.phases and 'teacher' not in config.phases:
     check_teacher(config, workdir)  # fail before any work, not after the phases before it
-  runners = {'teacher': run_teacher, 'distill': run_distill, 'semantic': run_semantic, 'latent': run_latent}
-  for phase in config.phases:
-    if phase not in runners:
-      raise config_lib.ConfigError(f'config.phases: phase {phase!r} is not available in this version')
+  runners = {'teacher': run_teacher, 'distill': run_distill, 'semantic': run_semantic, 'latent': run_latent,
+             'evaluate': evaluate.run_evaluate}
+  for phase in config.phases:  # validate() has checked that each is one of config.PHASES
     runners[phase](config, workdir, mesh=mesh)
-  if 'distill' in config.phases:
-    write_comparison(config, workdir)
+    if phase == 'distill':
+      write_comparison(config, workdir)

@@ -10,12 +10,23 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 
+def multi_host_environment(env):
+  """Whether env describes one process of a multi-process job that jax.distributed.initialize() can join.
+
+  Explicit: JAX_COORDINATOR_ADDRESS (launch/tpu_pod.sh sets it). Detected: a SLURM job step (srun) of several
+  tasks, an Open MPI job of several ranks, GKE TPU or multislice variables. A bare SLURM allocation (salloc, or an
+  sbatch script before srun) is not one: JAX's SLURM detection needs a job step.
+  """
+  return ('JAX_COORDINATOR_ADDRESS' in env
+          or ('SLURM_STEP_NODELIST' in env and 'SLURM_PROCID' in env and int(env.get('SLURM_NTASKS', '1')) > 1)
+          or ('OMPI_MCA_orte_hnp_uri' in env and int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1)
+          or 'TPU_WORKER_HOSTNAMES' in env or 'MEGASCALE_COORDINATOR_ADDRESS' in env)
+
+
 def initialize_distributed():
   """Joins a multi-host job (TPU pods, SLURM/MPI GPU clusters); a no-op on one host."""
   import os  # pylint: disable=g-import-not-at-top
-  multi_host_env = any(k in os.environ for k in ('JAX_COORDINATOR_ADDRESS', 'SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE',
-                                                 'TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDINATOR_ADDRESS'))
-  if multi_host_env and not jax.distributed.is_initialized():
+  if multi_host_environment(os.environ) and not jax.distributed.is_initialized():
     jax.distributed.initialize()
 
 
