@@ -53,12 +53,24 @@ def _format_eta(seconds):
   return f'{h}h{m:02d}m' if h else f'{m}m{s:02d}s'
 
 
-def _cost_flops(compiled):
-  """Total FLOPs of one call from XLA's cost analysis (None where the backend reports none)."""
+def _cost_flops(lowered):
+  """Total FLOPs of one call from XLA's HLO cost analysis of the lowered (pre-compilation) HLO; None if unknown.
+
+  Not the compiled executable's analysis: on GPU that leaves out the convolutions XLA hands to cuDNN
+  (shared/research/anchor_gpu_bench.md). Lowered.cost_analysis() is unimplemented on PJRT plugin backends (the
+  CUDA plugin), so the CPU client analyses the HLO, as the anchor's count did: every platform gets the same count.
+  """
+  # A private function: the only route to the HLO cost analysis on plugin backends. Where it fails (no CPU
+  # backend, e.g. JAX_PLATFORMS=cuda, or a jaxlib that moved it), the lowering's own analysis is the fallback.
   try:
-    cost = compiled.cost_analysis()
+    from jax._src.lib import _jax  # pylint: disable=g-import-not-at-top
+    from jax.extend import backend  # pylint: disable=g-import-not-at-top
+    cost = _jax.hlo_module_cost_analysis(backend.get_backend('cpu'), lowered.compiler_ir('hlo').as_hlo_module())
   except Exception:  # pylint: disable=broad-except
-    return None
+    try:
+      cost = lowered.cost_analysis()
+    except Exception:  # pylint: disable=broad-except
+      return None
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else None
   flops = (cost or {}).get('flops')
@@ -111,9 +123,25 @@ def compile_step(step, mesh, args):
     return compiled, 0.0, flops
   start = time.perf_counter()
   jitted = sharding.jit_step(steps_lib.scan_steps(step), mesh, num_extra_args=len(args) - 3)
-  compiled = jitted.lower(*args).compile()
-  cache[signature] = (compiled, time.perf_counter() - start, _cost_flops(compiled))
+  lowered = jitted.lower(*args)
+  compiled = lowered.compile()
+  seconds = time.perf_counter() - start
+  cache[signature] = (compiled, seconds, _call_flops(jitted, lowered, args))
   return cache[signature]
+
+
+def _call_flops(jitted, lowered, args):
+  """FLOPs of one call of K = steps_per_call steps.
+
+  HLO cost analysis counts a while loop's body once, and scan_steps keeps its loop rolled off CPU, so for K > 1 one
+  step is lowered (on a one-step slice of the batches; nothing is compiled) and counted K times.
+  """
+  num_steps = jax.tree.leaves(args[1])[0].shape[0]
+  if num_steps > 1:
+    one_step = jax.tree.map(lambda x: jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype), args[1])
+    lowered = jitted.lower(args[0], one_step, *args[2:])
+  flops = _cost_flops(lowered)
+  return flops * num_steps if flops else None
 
 
 def run_phase(phase, *, batches, mesh, rng):
