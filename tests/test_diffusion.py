@@ -121,7 +121,7 @@ def test_ancestral_step_moments():
   lt, ls = jnp.full((4000,), -1.0), jnp.full((4000,), 1.5)
   pred = process.from_x(x=x, z=z_t, logsnr=lt)
   z_s = samplers.ancestral_step(pred=pred, z_t=z_t, logsnr_t=lt, logsnr_s=ls, rng=jax.random.key(3))
-  (at, st), (as_, ss) = schedules.alpha_sigma(-1.0), schedules.alpha_sigma(1.5)
+  (at, _), (as_, ss) = schedules.alpha_sigma(-1.0), schedules.alpha_sigma(1.5)
   r = np.exp(-1.0 - 1.5)
   np.testing.assert_allclose(jnp.mean(z_s), r * as_ / at * -0.2 + (1 - r) * as_ * 0.3, atol=0.02)
   np.testing.assert_allclose(jnp.var(z_s), (1 - r) * ss**2, rtol=0.08)

@@ -14,7 +14,6 @@ from sferd_jax.sferd import attention_guidance
 from sferd_jax.training import checkpointing
 from sferd_jax.training import loop
 from sferd_jax.training import pipeline
-from sferd_jax.training import sharding
 from sferd_jax.training import state as state_lib
 from sferd_jax.training import steps as steps_lib
 import test_training
@@ -95,15 +94,9 @@ def test_sharded_distill_step_equals_single_device(tiny_run):
                                      diffusion_config=config.diffusion.to_dict(), train_config=config.distill, tx=tx,
                                      schedule=schedule, teacher_fn=attention_guidance.denoise_factory(config.model, None))
   batch = pipeline.make_batches(config, config.distill).get(0, 2)
-  results = []
-  for devices in (jax.devices()[:1], jax.devices()):
-    mesh = sharding.make_mesh(devices)
-    state = jax.jit(pipeline.init_fn(config, config.distill, tx, params=teacher),
-                    out_shardings=sharding.replicated(mesh))()
-    fn = sharding.jit_step(steps_lib.scan_steps(step), mesh, num_extra_args=2)
-    extra = sharding.put_replicated((teacher, np.int32(2)), mesh)
-    results.append(jax.device_get(fn(state, sharding.put_batch(batch, mesh), jax.random.key(0), *extra)))
-  (one, m1), (four, m4) = results
+  init = pipeline.init_fn(config, config.distill, tx, params=teacher)
+  (one, m1), (four, m4) = (tiny.run_step_on(devices, step, init, batch, (teacher, np.int32(2)))
+                           for devices in (jax.devices()[:1], jax.devices()))
   np.testing.assert_allclose(m1['loss'], m4['loss'], rtol=1e-4)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), one.params, four.params)
 

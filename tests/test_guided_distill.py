@@ -13,7 +13,6 @@ from sferd_jax.models import denoiser
 from sferd_jax.models import unet
 from sferd_jax.sferd import attention_guidance
 from sferd_jax.training import pipeline
-from sferd_jax.training import sharding
 from sferd_jax.training import state as state_lib
 from sferd_jax.training import steps as steps_lib
 import tiny
@@ -98,15 +97,9 @@ def test_guided_distill_step_sharded_equals_single_device(params):
       train_config=config.distill, tx=tx, schedule=schedule,
       teacher_fn=attention_guidance.denoise_factory(config.model, config.sferd.attention_guidance))
   batch = pipeline.make_batches(config, config.distill).get(0, 1)
-  results = []
-  for devices in (jax.devices()[:1], jax.devices()):
-    mesh = sharding.make_mesh(devices)
-    state = jax.jit(pipeline.init_fn(config, config.distill, tx, params=params),
-                    out_shardings=sharding.replicated(mesh))()
-    fn = sharding.jit_step(steps_lib.scan_steps(step), mesh, num_extra_args=2)
-    extra = sharding.put_replicated((params, np.int32(2)), mesh)
-    results.append(jax.device_get(fn(state, sharding.put_batch(batch, mesh), jax.random.key(0), *extra)))
-  (one, m1), (four, m4) = results
+  init = pipeline.init_fn(config, config.distill, tx, params=params)
+  (one, m1), (four, m4) = (tiny.run_step_on(devices, step, init, batch, (params, np.int32(2)))
+                           for devices in (jax.devices()[:1], jax.devices()))
   np.testing.assert_allclose(m1['loss'], m4['loss'], rtol=1e-5)
   np.testing.assert_allclose(m1['grad_norm'], m4['grad_norm'], rtol=1e-4)
   # Adam's first update is ~lr * sign(g): a near-zero gradient's summation-order noise can flip a whole step of

@@ -13,7 +13,6 @@ from sferd_jax.models import unet
 from sferd_jax.sferd import attention_guidance
 from sferd_jax.training import checkpointing
 from sferd_jax.training import pipeline
-from sferd_jax.training import sharding
 from sferd_jax.training import state as state_lib
 from sferd_jax.training import steps as steps_lib
 import tiny
@@ -90,15 +89,9 @@ def test_sharded_semantic_step_equals_single_device(tiny_run):
       teacher_fn=attention_guidance.denoise_factory(config.model, None))
   params = student.semantic.params  # trained, so g != 0 and both parts get gradients
   batch = pipeline.make_batches(config, config.semantic).get(0, 1)
-  results = []
-  for devices in (jax.devices()[:1], jax.devices()):
-    mesh = sharding.make_mesh(devices)
-    state = jax.jit(lambda: state_lib.TrainState.create(params=params, tx=tx, ema_decay=0.0),
-                    out_shardings=sharding.replicated(mesh))()
-    fn = sharding.jit_step(steps_lib.scan_steps(step), mesh, num_extra_args=3)
-    extra = sharding.put_replicated((student.params, teacher.params, np.int32(1)), mesh)
-    results.append(jax.device_get(fn(state, sharding.put_batch(batch, mesh), jax.random.key(0), *extra)))
-  (one, m1), (four, m4) = results
+  init = lambda: state_lib.TrainState.create(params=params, tx=tx, ema_decay=0.0)
+  (one, m1), (four, m4) = (tiny.run_step_on(devices, step, init, batch, (student.params, teacher.params, np.int32(1)))
+                           for devices in (jax.devices()[:1], jax.devices()))
   # With g != 0 the gradient reaches both ends of E_phi (its first conv and its output layer) and G_tau.
   for part, layer in (('encoder', 'conv0'), ('encoder', 'out'), ('predictor', 'conv_out')):
     assert not np.array_equal(params[part][layer]['kernel'], one.params[part][layer]['kernel']), (part, layer)

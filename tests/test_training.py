@@ -14,7 +14,6 @@ from sferd_jax.models import unet
 from sferd_jax.training import checkpointing
 from sferd_jax.training import loop
 from sferd_jax.training import pipeline
-from sferd_jax.training import sharding
 from sferd_jax.training import state as state_lib
 from sferd_jax.training import steps as steps_lib
 import tiny
@@ -35,21 +34,13 @@ def _batch(config, steps=1):
   return batches.get(0, steps)
 
 
-def _run_step(step, init, batch, devices):
-  mesh = sharding.make_mesh(devices)
-  state = jax.jit(init, out_shardings=sharding.replicated(mesh))()
-  fn = sharding.jit_step(steps_lib.scan_steps(step), mesh)
-  new_state, metrics = fn(state, sharding.put_batch(batch, mesh), jax.random.key(0))
-  return jax.device_get(new_state), jax.device_get(metrics)
-
-
 def test_sharded_teacher_step_equals_single_device():
   assert jax.device_count() == 4
   config = tiny.load_config()
   step, init = _teacher_setup(config)
   batch = _batch(config, steps=2)
-  one, m1 = _run_step(step, init, batch, jax.devices()[:1])
-  four, m4 = _run_step(step, init, batch, jax.devices())
+  one, m1 = tiny.run_step_on(jax.devices()[:1], step, init, batch)
+  four, m4 = tiny.run_step_on(jax.devices(), step, init, batch)
   np.testing.assert_allclose(m1['loss'], m4['loss'], rtol=1e-5)
   assert int(one.step) == int(four.step) == 2
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), one.params, four.params)
@@ -229,3 +220,17 @@ def test_export_from_four_devices_loads_on_one(tiny_run):
   out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   assert '(2, 8, 8, 1)' in out.stdout
+
+
+def test_ema_warms_up_then_uses_its_decay():
+  np.testing.assert_allclose(state_lib.ema_decay_at(0, 0.999), 0.1, rtol=1e-6)
+  np.testing.assert_allclose(state_lib.ema_decay_at(90, 0.999), 91 / 100, rtol=1e-6)
+  np.testing.assert_allclose(state_lib.ema_decay_at(100_000, 0.999), 0.999, rtol=1e-6)
+  params = {'w': jnp.zeros(3)}
+  tx, _ = state_lib.make_optimizer(tiny.load_config().teacher.optimizer, 10)
+  state = state_lib.TrainState.create(params=params, tx=tx, ema_decay=0.999)
+  grads = {'w': jnp.ones(3)}
+  new = state_lib.apply_gradients(state, grads, tx=tx, ema_decay=0.999)
+  # Step 0: decay 0.1, so the EMA is 0.9 of the way to the updated params.
+  np.testing.assert_allclose(new.ema_params['w'], 0.9 * new.params['w'], rtol=1e-6)
+  assert state_lib.TrainState.create(params=params, tx=tx, ema_decay=0.0).ema_params is None

@@ -20,3 +20,17 @@ def load_config(name='tiny', **overrides):
         target = target[part]
       target[last] = value
   return config
+
+
+def run_step_on(devices, step, init, batch, extra=()):
+  """One call of scan_steps(step) jitted over a mesh of `devices`: (state, metrics) fetched to the host.
+
+  init() -> TrainState; batch: host arrays (steps_per_call, batch, ...); extra: the step's replicated arguments.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from sferd_jax.training import sharding, steps  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh(devices)
+  state = jax.jit(init, out_shardings=sharding.replicated(mesh))()
+  fn = sharding.jit_step(steps.scan_steps(step), mesh, num_extra_args=len(extra))
+  return jax.device_get(fn(state, sharding.put_batch(batch, mesh), jax.random.key(0),
+                           *sharding.put_replicated(tuple(extra), mesh)))

@@ -80,8 +80,8 @@ class Tower(nn.Module):
   def __call__(self, x):
     if self.pool_first:
       x = _avg_pool_3x3(x)
-    for i, (features, kernel, stride, padding) in enumerate(self.specs):
-      x = ConvBN(features, kernel, stride, padding, self.precision, name='conv' if i == 0 else f'conv_{i}')(x)
+    for i, (channels, kernel, stride, padding) in enumerate(self.specs):
+      x = ConvBN(channels, kernel, stride, padding, self.precision, name='conv' if i == 0 else f'conv_{i}')(x)
     return x
 
 

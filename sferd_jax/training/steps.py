@@ -5,6 +5,7 @@ uninterrupted one. `scan_steps` runs several steps per host call.
 """
 
 import functools
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +60,30 @@ def make_teacher_step(*, model, model_config, diffusion_config, train_config, tx
   return step
 
 
+class DistillationBatch(NamedTuple):
+  """What a distillation-target step trains on: the noisy images at the student's levels and their targets."""
+  x: jax.Array
+  labels: Optional[jax.Array]
+  z: jax.Array
+  logsnr: jax.Array
+  target: process.Prediction   # the (guided) teacher's target, stop-gradient
+  dropout_rng: jax.Array
+
+
+def _distillation_batch(rng, batch, *, model_config, logsnr_fn, teacher_fn, teacher_params, num_student_steps):
+  """Draws i in [0, N), z at the student's noise level u = (i + 1) / N, and the teacher's target there."""
+  step_rng, noise_rng, dropout_rng = jax.random.split(rng, 3)
+  x = batch['image']
+  labels = denoiser.labels_or_none(model_config, batch['label'])
+  i = jax.random.randint(step_rng, (x.shape[0],), 0, num_student_steps)
+  logsnr = distillation.student_noise_level(i=i, num_steps=num_student_steps, logsnr_fn=logsnr_fn)
+  z = process.diffuse(x=x, eps=jax.random.normal(noise_rng, x.shape, x.dtype), logsnr=logsnr)
+  teacher = teacher_fn(jax.lax.stop_gradient(teacher_params), labels)
+  target = jax.lax.stop_gradient(distillation.student_target(teacher_fn=teacher, z=z, i=i,
+                                                             num_steps=num_student_steps, logsnr_fn=logsnr_fn))
+  return DistillationBatch(x=x, labels=labels, z=z, logsnr=logsnr, target=target, dropout_rng=dropout_rng)
+
+
 def make_distill_step(*, model, model_config, diffusion_config, train_config, tx, schedule, teacher_fn):
   """The progressive-distillation step: step(state, batch, rng, teacher_params, num_student_steps).
 
@@ -69,23 +94,15 @@ def make_distill_step(*, model, model_config, diffusion_config, train_config, tx
   logsnr_fn = lambda t: schedules.cosine_logsnr(t, **diffusion_config)
 
   def step(state, batch, rng, teacher_params, num_student_steps):
-    rng = jax.random.fold_in(rng, state.step)
-    step_rng, noise_rng, dropout_rng = jax.random.split(rng, 3)
-    x = batch['image']
-    labels = denoiser.labels_or_none(model_config, batch['label'])
-    i = jax.random.randint(step_rng, (x.shape[0],), 0, num_student_steps)
-    logsnr = distillation.student_noise_level(i=i, num_steps=num_student_steps, logsnr_fn=logsnr_fn)
-    eps = jax.random.normal(noise_rng, x.shape, x.dtype)
-    z = process.diffuse(x=x, eps=eps, logsnr=logsnr)
-    teacher = teacher_fn(jax.lax.stop_gradient(teacher_params), labels)
-    target = jax.lax.stop_gradient(distillation.student_target(teacher_fn=teacher, z=z, i=i,
-                                                               num_steps=num_student_steps, logsnr_fn=logsnr_fn))
+    b = _distillation_batch(jax.random.fold_in(rng, state.step), batch, model_config=model_config,
+                            logsnr_fn=logsnr_fn, teacher_fn=teacher_fn, teacher_params=teacher_params,
+                            num_student_steps=num_student_steps)
 
     def loss_fn(params):
-      pred = denoiser.denoise(model, params, z, logsnr, labels, output_type=model_config.output_type, train=True,
-                              dropout_rng=dropout_rng)
-      return jnp.mean(losses.denoising_loss(pred=pred, x_target=target.x, eps_target=target.eps, logsnr=logsnr,
-                                            loss_type=train_config.loss))
+      pred = denoiser.denoise(model, params, b.z, b.logsnr, b.labels, output_type=model_config.output_type,
+                              train=True, dropout_rng=b.dropout_rng)
+      return jnp.mean(losses.denoising_loss(pred=pred, x_target=b.target.x, eps_target=b.target.eps,
+                                            logsnr=b.logsnr, loss_type=train_config.loss))
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     return _finish(state, grads, loss, tx=tx, ema_decay=train_config.ema_decay, schedule=schedule)
@@ -103,19 +120,13 @@ def make_semantic_step(*, student, encoder, predictor, model_config, diffusion_c
   logsnr_fn = lambda t: schedules.cosine_logsnr(t, **diffusion_config)
 
   def step(state, batch, rng, student_params, teacher_params, num_student_steps):
-    rng = jax.random.fold_in(rng, state.step)
-    step_rng, noise_rng, dropout_rng = jax.random.split(rng, 3)
-    x = batch['image']
-    labels = denoiser.labels_or_none(model_config, batch['label'])
-    i = jax.random.randint(step_rng, (x.shape[0],), 0, num_student_steps)
-    logsnr = distillation.student_noise_level(i=i, num_steps=num_student_steps, logsnr_fn=logsnr_fn)
-    z = process.diffuse(x=x, eps=jax.random.normal(noise_rng, x.shape, x.dtype), logsnr=logsnr)
-    teacher = teacher_fn(jax.lax.stop_gradient(teacher_params), labels)
-    target = jax.lax.stop_gradient(distillation.student_target(teacher_fn=teacher, z=z, i=i,
-                                                               num_steps=num_student_steps, logsnr_fn=logsnr_fn))
+    b = _distillation_batch(jax.random.fold_in(rng, state.step), batch, model_config=model_config,
+                            logsnr_fn=logsnr_fn, teacher_fn=teacher_fn, teacher_params=teacher_params,
+                            num_student_steps=num_student_steps)
     loss_fn = functools.partial(semantic.model_semantic_loss, encoder=encoder, predictor=predictor, student=student,
-                                output_type=model_config.output_type, x0=x, z=z, logsnr=logsnr, target=target,
-                                labels=labels, loss_type=train_config.loss, train=True, dropout_rng=dropout_rng)
+                                output_type=model_config.output_type, x0=b.x, z=b.z, logsnr=b.logsnr,
+                                target=b.target, labels=b.labels, loss_type=train_config.loss, train=True,
+                                dropout_rng=b.dropout_rng)
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, student_params)
     new_state, metrics = _finish(state, grads, loss, tx=tx, ema_decay=train_config.ema_decay, schedule=schedule)
     return new_state, dict(metrics, student_loss=aux['student_loss'])
