@@ -36,6 +36,7 @@ from sferd_jax.training import state as state_lib
 from sferd_jax.training import steps as steps_lib
 
 GRID_SAMPLES = 64
+TEACHER_GRID_STEPS = 128  # teacher grids show the base model well sampled (or at start_num_steps if more)
 
 
 def data_config(config):
@@ -111,7 +112,7 @@ def run_teacher(config, workdir, *, mesh=None):
       init_state=init_fn(config, train_config, tx),
       meta=dict(model=config.model.to_dict(), diffusion=config.diffusion.to_dict(), data=data_config(config),
                 seed=config.seed, loss=train_config.loss),
-      sample_fn=grid_sampler(config, config.distill.start_num_steps))
+      sample_fn=grid_sampler(config, max(TEACHER_GRID_STEPS, config.distill.start_num_steps)))
   state, summary = loop.run_phase(phase, batches=make_batches(config, train_config), mesh=mesh,
                                   rng=jax.random.key(config.seed))
   checkpointing.export_model(export_path, trees={'params': state.export_params},
