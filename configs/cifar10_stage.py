@@ -22,12 +22,10 @@ def get_config():
   config.phases = ('distill', 'semantic', 'latent')
   config.data.update(name='cifar10', random_flip=True)
   config.model.update(config_lib.CIFAR10_UNET, dropout=0.0)
-  config.distill = config_lib.training_config(
-      train_steps=50_000, batch_size=128, learning_rate=5e-5, schedule='linear_decay', ema_decay=0.0,
-      loss='snr_trunc', grad_clip=1.0, steps_per_call=10, log_every=100, checkpoint_every=5000, sample_every=25_000)
-  config.distill.teacher = None
-  config.distill.start_num_steps = 8192
-  config.distill.end_num_steps = 1
+  config.distill = config_lib.distill_config(
+      train_steps=50_000, batch_size=128, learning_rate=5e-5, ema_decay=0.0, loss='snr_trunc', grad_clip=1.0,
+      steps_per_call=10, log_every=100, checkpoint_every=5000, sample_every=25_000, start_num_steps=8192,
+      end_num_steps=1)
   config.sferd.attention_guidance.enabled = True
   config.sferd.semantic.update(stages=(-1,), latent_dim=128, encoder_ch=64)
   config.sferd.latent.update(num_layers=10, width=512, num_steps=100)

@@ -17,12 +17,10 @@ def get_config():
   config.phases = ('distill', 'semantic', 'latent')
   config.data.update(name='imagenet64', random_flip=True)
   config.model.update(config_lib.IMAGENET64_UNET, dropout=0.0)
-  config.distill = config_lib.training_config(
-      train_steps=50_000, batch_size=2048, learning_rate=1e-4, schedule='linear_decay', ema_decay=0.0,
-      loss='snr_trunc', grad_clip=1.0, steps_per_call=10, log_every=100, checkpoint_every=5000, sample_every=25_000)
-  config.distill.teacher = None
-  config.distill.start_num_steps = 1024
-  config.distill.end_num_steps = 1
+  config.distill = config_lib.distill_config(
+      train_steps=50_000, batch_size=2048, learning_rate=1e-4, ema_decay=0.0, loss='snr_trunc', grad_clip=1.0,
+      steps_per_call=10, log_every=100, checkpoint_every=5000, sample_every=25_000, start_num_steps=1024,
+      end_num_steps=1)
   config.sferd.attention_guidance.enabled = True
   config.sferd.semantic.update(stages=(-1,), latent_dim=256, encoder_ch=64)
   config.sferd.latent.update(num_layers=10, width=1024, num_steps=100)

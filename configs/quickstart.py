@@ -22,12 +22,9 @@ def get_config():
   config.teacher = config_lib.training_config(
       train_steps=2000, batch_size=32, learning_rate=1e-3, warmup_steps=100, ema_decay=0.999, loss='snr_trunc',
       log_every=100, checkpoint_every=500, sample_every=1000)
-  config.distill = config_lib.training_config(
-      train_steps=150, batch_size=32, learning_rate=2e-4, schedule='linear_decay', loss='snr_trunc', log_every=50,
-      checkpoint_every=150)
-  config.distill.teacher = None
-  config.distill.start_num_steps = 32
-  config.distill.end_num_steps = 1
+  config.distill = config_lib.distill_config(
+      train_steps=150, batch_size=32, learning_rate=2e-4, loss='snr_trunc', log_every=50, checkpoint_every=150,
+      start_num_steps=32, end_num_steps=1)
   config.sferd.attention_guidance.enabled = True
   config.sferd.semantic.update(stages=(-1,), latent_dim=32, encoder_ch=16)
   config.sferd.latent.update(num_layers=4, width=128, num_steps=50)

@@ -17,11 +17,9 @@ def get_config():
   config.teacher = config_lib.training_config(
       train_steps=4, batch_size=8, learning_rate=1e-3, ema_decay=0.9, log_every=2, checkpoint_every=2,
       sample_every=0, steps_per_call=1)
-  config.distill = config_lib.training_config(
-      train_steps=2, batch_size=8, learning_rate=1e-4, schedule='linear_decay', log_every=1, checkpoint_every=1)
-  config.distill.teacher = None
-  config.distill.start_num_steps = 4
-  config.distill.end_num_steps = 1
+  config.distill = config_lib.distill_config(
+      train_steps=2, batch_size=8, learning_rate=1e-4, log_every=1, checkpoint_every=1, start_num_steps=4,
+      end_num_steps=1)
   config.sferd.semantic.update(latent_dim=8, encoder_ch=8)
   config.sferd.latent.update(num_layers=3, width=16, num_steps=4)
   config.semantic = config_lib.training_config(

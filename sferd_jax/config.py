@@ -28,6 +28,12 @@ class ConfigError(ValueError):
   """A config that cannot work; the message says which key to change and how."""
 
 
+def _optional(field_type, default=None):
+  """A key that may be None yet stays settable from the command line (--config.<key>=...): ml_collections
+  refuses to override a plain None, since it cannot tell the type."""
+  return ml_collections.FieldReference(default, field_type=field_type)
+
+
 def training_config(*, train_steps, batch_size, learning_rate, warmup_steps=0, schedule='constant', weight_decay=0.0,
                     grad_clip=1.0, ema_decay=0.0, loss='snr_trunc', log_every=100, checkpoint_every=1000,
                     keep_checkpoints=2, sample_every=0, steps_per_call=1):
@@ -56,6 +62,15 @@ def training_config(*, train_steps, batch_size, learning_rate, warmup_steps=0, s
   ))
 
 
+def distill_config(*, start_num_steps, end_num_steps, schedule='linear_decay', **training):
+  """The distillation section: training_config's keys (train_steps per stage) plus the stages and the teacher."""
+  config = training_config(schedule=schedule, **training)
+  config.teacher = _optional(str)           # exported model to distil; None = the teacher phase's export
+  config.start_num_steps = start_num_steps  # sampling steps of the first teacher; halved every stage
+  config.end_num_steps = end_num_steps      # sampling steps of the last student
+  return config
+
+
 def base_config():
   """Defaults shared by all configs; a config file overrides what it needs and returns `lock(config)`."""
   config = ml_collections.ConfigDict()
@@ -66,8 +81,8 @@ def base_config():
   config.data = dict(
       name='digits',          # digits | fashion_mnist | cifar10 | imagenet64 | npz
       split='train',
-      data_dir=None,          # None = the source's default location (TFDS: $TFDS_DATA_DIR or ~/tensorflow_datasets)
-      path=None,              # the .npz file, for name='npz'
+      data_dir=_optional(str),  # None = the source's default location (TFDS: $TFDS_DATA_DIR or ~/tensorflow_datasets)
+      path=_optional(str),    # the .npz file, for name='npz'
       random_flip=False,
   )
   # The denoiser's architecture; image_size and channels also fix the data's shape.
@@ -79,8 +94,8 @@ def base_config():
       ch_mult=(1, 2, 2),
       num_res_blocks=2,
       attn_resolutions=(8, 4),
-      num_heads=1,
-      head_dim=None,
+      num_heads=_optional(int, 1),  # exactly one of num_heads and head_dim is set
+      head_dim=_optional(int),
       dropout=0.0,
       resblock_resample=False,
       num_classes=0,          # 0 = unconditional
@@ -90,24 +105,22 @@ def base_config():
   config.diffusion = dict(logsnr_min=-20.0, logsnr_max=20.0)  # cosine log-SNR schedule
 
   config.teacher = training_config(train_steps=1000, batch_size=64, learning_rate=2e-4)
-  config.distill = training_config(train_steps=1000, batch_size=64, learning_rate=5e-5, schedule='linear_decay')
-  config.distill.teacher = None      # exported model to distill; None = the teacher phase's output in the workdir
-  config.distill.start_num_steps = 256  # sampling steps of the first teacher; halved every stage
-  config.distill.end_num_steps = 1
+  config.distill = distill_config(train_steps=1000, batch_size=64, learning_rate=5e-5, start_num_steps=256,
+                                  end_num_steps=1)
 
   # SFERD's mechanisms (SFERD.md §3, §4); their defaults are explained in the README.
   config.sferd = ml_collections.ConfigDict()
   config.sferd.attention_guidance = dict(
       enabled=False,          # guide every teacher evaluation of the distillation target
-      block=None,             # attention block name (see models.unet.attention_blocks); None = the decoder's
+      block=_optional(str),   # attention block name (see models.unet.attention_blocks); None = the decoder's
                               # highest-resolution one, as the official code does
       threshold=1.0,          # a key is risky if it draws more than this attention mass (1.0 = the average)
       kernel_size=15,         # Gaussian blur of the risky regions (the official code: 15, sigma 3)
       sigma=3.0,
       weight=0.3,             # eps_guided = eps + w (eps - eps_blurred); the official code's scale 1.3 = 1 + w
       padding='reflect',      # blur padding: reflect (torchvision's, the official code) | symmetric
-      logsnr_min=None,        # guide only where logsnr_min <= log-SNR <= logsnr_max; None = unbounded
-      logsnr_max=None,
+      logsnr_min=_optional(float),  # guide only where logsnr_min <= log-SNR <= logsnr_max; None = unbounded
+      logsnr_max=_optional(float),
   )
 
   config.sferd.semantic = dict(   # the semantic encoder E_phi and gradient predictor G_tau (SFERD.md §4)
@@ -131,31 +144,31 @@ def base_config():
                                   ema_decay=0.999, loss='eps_mse', grad_clip=1.0)
 
   config.evaluate = dict(
-      models=None,            # exported models to score, as paths in the workdir ('teacher', 'distill/stage_3');
+      models=_optional(tuple),  # exported models to score, as paths in the workdir ('teacher', 'distill/stage_3');
                               # None = the teacher and every finished stage
-      num_steps=None,         # sampling steps per model; None = each model's own
+      num_steps=_optional(int),  # sampling steps per model; None = each model's own
       guidance=(False,),      # variants to score: without / with attention-guided sampling
       semantic=(False,),      # variants: without / with the semantic gradient predictor (models that have one)
       num_samples=50000,      # samples per variant (50k is the standard FID protocol)
       round_size=1000,        # samples per saved round; an interrupted evaluation resumes at the last round
       features='auto',        # inception | classifier | auto (inception when weights are given, else the
                               # small classifier trained on the dataset and saved with the run)
-      inception_weights=None,  # .npz made by `python -m sferd_jax.evaluation.export_inception SRC.pt OUT.npz`
-      reference_stats=None,   # .npz of reference mu/sigma; None = computed from config.data, cached in the run
+      inception_weights=_optional(str),  # .npz made by `python -m sferd_jax.evaluation.export_inception SRC.pt OUT.npz`
+      reference_stats=_optional(str),  # .npz of reference mu/sigma; None = computed from config.data, cached in the run
       kid_subsets=100,
       kid_subset_size=1000,
   )
   config.analyze = dict(          # the fitting-error analysis (SFERD.md §5)
-      model=None,             # as sample.model
+      model=_optional(str),   # as sample.model
       num_images=16,          # real images x0
       num_noises=8,           # noise draws per image and noise level
       times=(0.2, 0.4, 0.6, 0.8),  # noise levels t (cosine schedule)
   )
 
   config.sample = dict(
-      model=None,            # exported model dir, or a path inside the workdir ('teacher', 'distill/stage_3'); None = last
+      model=_optional(str),  # exported model dir, or a path inside the workdir ('teacher', 'distill/stage_3'); None = last
       num_samples=64,
-      num_steps=None,        # None = the model's own step count (a student's) or 256 for a teacher
+      num_steps=_optional(int),  # None = the model's own step count
       sampler='ddim',        # ddim | ancestral
       clip_x=True,
       batch_size=256,        # samples per device call

@@ -1,0 +1,69 @@
+"""The command line as a user meets it: a run, the sample mode, and bad input ending in one clear message."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import tiny
+
+
+def _main(*args, timeout=600):
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([tiny.ROOT, os.environ.get('PYTHONPATH', '')]))
+  return subprocess.run([sys.executable, '-m', 'sferd_jax.main', *args], cwd=tiny.ROOT, env=env, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def test_train_teacher_then_sample_a_grid_and_npz(tmp_path):
+  workdir = str(tmp_path / 'run')
+  result = _main('--config=configs/tiny.py', f'--workdir={workdir}', '--mode=train_teacher')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'ETA' in result.stderr and 'img/s' in result.stderr
+  result = _main('--config=configs/tiny.py', f'--workdir={workdir}', '--mode=sample', '--config.sample.model=teacher',
+                 '--config.sample.num_samples=5', '--config.sample.num_steps=3')
+  assert result.returncode == 0, result.stderr[-3000:]
+  samples = os.path.join(workdir, 'samples')
+  assert os.path.exists(os.path.join(samples, 'teacher_3steps_ddim.png'))
+  images = np.load(os.path.join(samples, 'teacher_3steps_ddim.npz'))['images']
+  assert images.shape == (5, 8, 8, 1) and images.dtype == np.uint8
+
+
+@pytest.mark.parametrize('override, message', [
+    ('--config.model.attn_resolutions=(3,)', 'never reached'),
+    ('--config.model.image_size=9', 'divisible'),
+    ('--config.distill.start_num_steps=6', 'power-of-two multiple'),
+    ('--config.sferd.attention_guidance.block=dec99_0_attn', 'not an attention block'),
+    ('--config.data.name=cifar10', 'cifar10'),
+])
+def test_bad_config_ends_with_one_clear_error(tmp_path, override, message):
+  result = _main('--config=configs/tiny.py', f'--workdir={tmp_path}', override)
+  assert result.returncode == 1, result.stderr[-3000:]
+  error = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
+  assert error and message in result.stderr, result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr
+
+
+def test_unknown_config_key_is_refused(tmp_path):
+  result = _main('--config=configs/tiny.py', f'--workdir={tmp_path}', '--config.model.chanels=3')
+  assert result.returncode != 0 and 'chanels' in result.stderr
+
+
+def test_missing_dataset_names_the_commands_to_prepare_it(tmp_path):
+  result = _main('--config=configs/tiny.py', f'--workdir={tmp_path}', '--config.data.name=cifar10',
+                 '--config.model.image_size=32', '--config.model.channels=3', '--config.model.attn_resolutions=(16,)',
+                 f'--config.data.data_dir={tmp_path / "tfds"}')
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert 'download_and_prepare' in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_bucket_workdir_is_refused(tmp_path):
+  result = _main('--config=configs/tiny.py', '--workdir=gs://bucket/run')
+  assert result.returncode == 1 and 'POSIX' in result.stderr
+
+
+def test_optional_keys_can_be_set_from_the_command_line(tmp_path):
+  result = _main('--config=configs/tiny.py', f'--workdir={tmp_path}', '--mode=distill',
+                 '--config.distill.teacher=/no/such/teacher')
+  assert result.returncode == 1 and 'no teacher to distil at /no/such/teacher' in result.stderr, result.stderr[-2000:]
