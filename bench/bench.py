@@ -81,13 +81,13 @@ def load_config(path, *, batch_size=None, dtype=None, overrides=()):
   return config_lib.validate(config)
 
 
-def metadata(config, *, config_name, mesh, overrides=()):
+def metadata(config, *, config_name, mesh, params, overrides=()):
   """The fields every JSON line carries (with its batch_size): where it ran and on what."""
   device = mesh.devices.flat[0]
   return dict(device_kind=device.device_kind, platform=device.platform, device_count=int(mesh.devices.size),
               jax_version=jax.__version__, flax_version=flax.__version__, config=config_name,
               overrides=config_lib.to_json(dict(overrides)), dtype=config.model.dtype,
-              unet_params_m=round(unet.param_count(config.model) / 1e6, 3))
+              unet_params_m=round(sum(x.size for x in jax.tree.leaves(params)) / 1e6, 3))
 
 
 # Inputs.
@@ -382,9 +382,9 @@ def run(args, emit):
   config = load_config(args.config, batch_size=args.batch_size, dtype=args.dtype, overrides=args.override)
   devices = jax.devices()[:args.num_devices] if args.num_devices else jax.devices()
   mesh = sharding.make_mesh(devices)
-  meta = metadata(config, config_name=os.path.splitext(os.path.basename(args.config))[0], mesh=mesh,
-                  overrides=args.override)
   params = unet_params(config)
+  meta = metadata(config, config_name=os.path.splitext(os.path.basename(args.config))[0], mesh=mesh,
+                  params=params, overrides=args.override)
   records = []
 
   def done(new):
