@@ -23,6 +23,10 @@ MODES = ('pipeline', 'train_teacher', 'distill', 'semantic', 'latent', 'sample',
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path of a config file in configs/.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder: checkpoints, exported models, samples, metrics.')
+_JIT_CACHE = flags.DEFINE_string(
+    'jit_cache', os.path.join(os.path.expanduser('~'), '.cache', 'sferd_jax', 'jit'),
+    "JAX's persistent compilation cache (per machine): a resumed run or the next phase skips compiles it has "
+    "already paid for. Empty to disable.")
 _MODE = flags.DEFINE_enum('mode', 'pipeline', MODES, 'pipeline runs every phase in config.phases, in order; the '
                           'others run one phase (resuming it) or a tool: sample, evaluate, analyze.')
 
@@ -53,6 +57,10 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   std_logging.getLogger('absl').addFilter(_QuietOrbax())
   logging.set_verbosity(logging.INFO)
+  if _JIT_CACHE.value:
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.config.update('jax_compilation_cache_dir', _JIT_CACHE.value)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 2.0)
   from sferd_jax.training import pipeline, sharding  # pylint: disable=g-import-not-at-top
   from sferd_jax import sampling  # pylint: disable=g-import-not-at-top
   from sferd_jax.evaluation import evaluate, fitting_error  # pylint: disable=g-import-not-at-top

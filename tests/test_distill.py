@@ -94,7 +94,7 @@ def test_sharded_distill_step_equals_single_device(tiny_run):
                                      diffusion_config=config.diffusion.to_dict(), train_config=config.distill, tx=tx,
                                      schedule=schedule, teacher_fn=attention_guidance.denoise_factory(config.model, None))
   batch = pipeline.make_batches(config, config.distill).get(0, 2)
-  init = pipeline.init_fn(config, config.distill, tx, params=teacher)
+  init = lambda: pipeline.init_fn(config, config.distill, tx)(teacher)
   (one, m1), (four, m4) = (tiny.run_step_on(devices, step, init, batch, (teacher, np.int32(2)))
                            for devices in (jax.devices()[:1], jax.devices()))
   np.testing.assert_allclose(m1['loss'], m4['loss'], rtol=1e-4)

@@ -97,7 +97,7 @@ def test_guided_distill_step_sharded_equals_single_device(params):
       train_config=config.distill, tx=tx, schedule=schedule,
       teacher_fn=attention_guidance.denoise_factory(config.model, config.sferd.attention_guidance))
   batch = pipeline.make_batches(config, config.distill).get(0, 1)
-  init = pipeline.init_fn(config, config.distill, tx, params=params)
+  init = lambda: pipeline.init_fn(config, config.distill, tx)(params)
   (one, m1), (four, m4) = (tiny.run_step_on(devices, step, init, batch, (params, np.int32(2)))
                            for devices in (jax.devices()[:1], jax.devices()))
   np.testing.assert_allclose(m1['loss'], m4['loss'], rtol=1e-5)

@@ -39,7 +39,8 @@ class Phase:
   directory: str                                # checkpoints/, samples/, metrics.jsonl, summary.json go here
   train_config: Any                             # a training_config() section
   step: Callable                                # step(state, batch, rng, *extra) -> (state, metrics)
-  init_state: Callable[[], Any]                 # () -> TrainState, called under jit
+  init_state: Callable[..., Any]                # init_state(*init_args) -> TrainState, called under jit
+  init_args: tuple = ()                         # arrays for init_state (a teacher's params), not constants
   extra_args: tuple = ()                        # replicated arguments after rng (teacher params, step count)
   meta: dict = dataclasses.field(default_factory=dict)  # must match on resume (config, teacher fingerprint)
   sample_fn: Optional[Callable[[Any], np.ndarray]] = None  # params -> uint8 images, for grids
@@ -156,7 +157,8 @@ def run_phase(phase, *, batches, mesh, rng):
   latest = ckpts.latest_step()
   if latest is not None:
     _check_meta(phase, ckpts.restore_meta(latest))  # before any compilation: a refused resume fails at once
-  state = jax.jit(phase.init_state, out_shardings=sharding.replicated(mesh))()
+  state = jax.jit(phase.init_state, out_shardings=sharding.replicated(mesh))(
+      *sharding.put_replicated(tuple(phase.init_args), mesh))
   elapsed_before = 0.0
   if latest is not None:
     state, saved_meta = ckpts.restore(latest, state)
