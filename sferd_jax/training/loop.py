@@ -231,6 +231,7 @@ def run_phase(phase, *, batches, mesh, rng):
         save(step)
       if cfg.sample_every and step % cfg.sample_every < per_call and step < cfg.train_steps:
         write_grid(step)
+        timer_start, timer_images = time.perf_counter(), 0  # images/s measures training, not the grid
   finally:
     data.close()
     ckpts.wait()
