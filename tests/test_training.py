@@ -234,3 +234,27 @@ def test_ema_warms_up_then_uses_its_decay():
   # Step 0: decay 0.1, so the EMA is 0.9 of the way to the updated params.
   np.testing.assert_allclose(new.ema_params['w'], 0.9 * new.params['w'], rtol=1e-6)
   assert state_lib.TrainState.create(params=params, tx=tx, ema_decay=0.0).ema_params is None
+
+
+def test_killed_between_last_checkpoint_and_export(tmp_path):
+  """A phase killed after its final checkpoint (summary.json and the export not yet written) finishes on rerun."""
+  config = tiny.load_config()
+  workdir = str(tmp_path)
+  pipeline.run_teacher(config, workdir)
+  exported = sampling.load(workdir).params
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.rmtree(os.path.join(workdir, 'teacher', 'model'))
+  os.remove(os.path.join(workdir, 'teacher', 'summary.json'))
+  pipeline.run_teacher(config, workdir)
+  jax.tree.map(np.testing.assert_array_equal, sampling.load(workdir).params, exported)
+
+
+def test_lowering_train_steps_below_an_unfinished_run_is_refused(tmp_path, monkeypatch):
+  config = tiny.load_config()
+  real = pipeline.make_batches
+  monkeypatch.setattr(pipeline, 'make_batches', lambda *a, **k: _Interrupting(real(*a, **k), after=4))
+  with pytest.raises(KeyboardInterrupt):
+    pipeline.run_teacher(config, str(tmp_path))  # killed after step 3; the last checkpoint is step 2
+  monkeypatch.setattr(pipeline, 'make_batches', real)
+  with pytest.raises(loop.IncompatibleRunError, match='past train_steps=1'):
+    pipeline.run_teacher(tiny.load_config(**{'teacher.train_steps': 1}), str(tmp_path))

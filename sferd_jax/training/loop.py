@@ -159,18 +159,19 @@ def run_phase(phase, *, batches, mesh, rng):
     _check_meta(phase, ckpts.restore_meta(latest))  # before any compilation: a refused resume fails at once
   state = jax.jit(phase.init_state, out_shardings=sharding.replicated(mesh))(
       *sharding.put_replicated(tuple(phase.init_args), mesh))
-  elapsed_before = 0.0
+  elapsed_before, saved_meta = 0.0, {}
   if latest is not None:
     state, saved_meta = ckpts.restore(latest, state)
     elapsed_before = saved_meta.get('elapsed_s', 0.0)
     logging.info('%s: resuming from the checkpoint at step %d', phase.name, latest)
   start_step = int(state.step)
-  summary_path = os.path.join(phase.directory, 'summary.json')
   if start_step >= cfg.train_steps:
-    logging.info('%s: already trained (%d steps); skipping', phase.name, start_step)
     ckpts.close()
-    with open(summary_path) as f:
-      return state, json.load(f)
+    if 'summary' not in saved_meta:
+      raise IncompatibleRunError(f'{phase.name}: {phase.directory} holds a run at step {start_step}, past '
+                                 f'train_steps={cfg.train_steps}. Raise train_steps, or use a new --workdir.')
+    logging.info('%s: already trained (%d steps); skipping', phase.name, start_step)
+    return state, saved_meta['summary']
 
   extra = sharding.put_replicated(phase.extra_args, mesh)
   data = batches.iterate(start_step, per_call)
@@ -195,9 +196,18 @@ def run_phase(phase, *, batches, mesh, rng):
           f'config, check the data, then run the same command again to resume.')
     return dict(step=step, **values)
 
+  def summarize():
+    return dict(phase=phase.name, train_steps=cfg.train_steps, final_loss=last_record['loss'],
+                wall_s=elapsed_before + time.perf_counter() - run_start,
+                images_per_s=last_record['images_per_s'], compile_s=compile_s,
+                gflop_per_step=flops / per_call / 1e9 if flops else None)
+
   def save(step):
-    ckpts.save(step, state, {'config': config_lib.to_json(phase.meta), 'phase': phase.name, 'step': step,
-                             'elapsed_s': elapsed_before + time.perf_counter() - run_start})
+    meta = {'config': config_lib.to_json(phase.meta), 'phase': phase.name, 'step': step,
+            'elapsed_s': elapsed_before + time.perf_counter() - run_start}
+    if step == cfg.train_steps:  # the finished phase's summary travels with its last checkpoint
+      meta['summary'] = summarize()
+    ckpts.save(step, state, meta)
 
   def write_grid(step):
     if phase.sample_fn is not None and jax.process_index() == 0:
@@ -237,11 +247,8 @@ def run_phase(phase, *, batches, mesh, rng):
     ckpts.wait()
     ckpts.close()
   write_grid(cfg.train_steps)
-  summary = dict(phase=phase.name, train_steps=cfg.train_steps, final_loss=last_record['loss'],
-                 wall_s=elapsed_before + time.perf_counter() - run_start,
-                 images_per_s=last_record['images_per_s'], compile_s=compile_s,
-                 gflop_per_step=flops / per_call / 1e9 if flops else None)
+  summary = summarize()
   if jax.process_index() == 0:
-    with open(summary_path, 'w') as f:
+    with open(os.path.join(phase.directory, 'summary.json'), 'w') as f:
       json.dump(summary, f, indent=2)
   return state, summary
