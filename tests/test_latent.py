@@ -107,17 +107,15 @@ def test_latent_loss_decreases_on_a_gaussian_mixture(output_type):
   assert after < 0.6 * before, (before, after)
   assert float(curve[-30:].mean()) < 0.7 * float(curve[:30].mean())
 
-  # Samples: with v output they land about as near the mixture's modes as the data does. With eps output (PDAE's)
-  # the first DDIM step from lambda = -20 divides the eps error by alpha = 4.5e-5, and they land ~1e4 away: why
-  # MLPSkipNet outputs v by default.
+  if output_type != 'v':
+    return
+  # Samples with v output land about as near the mixture's modes as the data does. (With eps output, PDAE's, the
+  # first DDIM step from lambda = -20 divides the eps error by alpha = 4.5e-5: why MLPSkipNet outputs v.)
   samples = _jit(lambda p: latent.sample_latents(p, jax.random.key(7), model=model, num_samples=256, dim=DIM,
                                                  num_steps=50, stats=stats))(params)
   centres = 5.0 + 6.0 * np.random.default_rng(0).normal(size=(4, DIM))
   distance = lambda c: np.median(np.linalg.norm(np.asarray(c)[:, None] - centres[None], axis=-1).min(axis=1))
-  if output_type == 'v':
-    assert distance(samples) < 2.0 * distance(codes), (distance(samples), distance(codes))
-  else:
-    assert not distance(samples) < 100.0 * distance(codes), (distance(samples), distance(codes))
+  assert distance(samples) < 2.0 * distance(codes), (distance(samples), distance(codes))
 
 
 def test_sample_latents_shapes_determinism_and_statistics():

@@ -208,6 +208,24 @@ def test_warm_start_from_student_copies_decoder_weights_but_not_the_output():
                                 setup.semantic_params['predictor']['mid_0']['zemb_proj']['kernel'])
 
 
+def test_shift_decoder_mirrors_the_students_decoder():
+  """Warm-started, with the z modulation zeroed and the student's output conv, G_tau's decoder is the student's
+  decoder exactly: same blocks, skips in the same order, the same time-embedding modulation."""
+  setup = _setup(gradient_param='score')  # raw output = g, no 1/(sigma^2/alpha) rescaling
+  warm = semantic.warm_start_from_student(setup.semantic_params['predictor'], setup.student_params)
+  warm = jax.tree_util.tree_map_with_path(
+      lambda path, v: jnp.zeros_like(v) if 'zemb_proj' in jax.tree_util.keystr(path) else v, warm)
+  warm = dict(warm, conv_out=setup.student_params['decoder']['conv_out'])
+  features = setup.student.apply({'params': setup.student_params}, setup.z, setup.logsnr, train=False,
+                                 method=unet.UNet.encode)
+  student_out = _jit(lambda: setup.student.apply({'params': setup.student_params}, setup.z, setup.logsnr,
+                                                 train=False))()
+  g = _jit(lambda: semantic.predict_gradient(setup.predictor, warm, z=setup.z, logsnr=setup.logsnr,
+                                             z_sem=jnp.ones((setup.z.shape[0], 6)), features=features))()
+  assert float(jnp.abs(student_out).max()) > 0.1
+  np.testing.assert_allclose(g, student_out, atol=1e-5)
+
+
 def test_shift_predictor_needs_features():
   setup = _setup()
   with pytest.raises(ValueError, match='features'):

@@ -25,10 +25,10 @@ def teacher_two_steps(*, teacher_fn, z, logsnr_t, logsnr_mid, logsnr_s):
 def student_x_target(*, z, z_teacher, logsnr_t, logsnr_s):
   """x_tilde = (z'' - r z) / (alpha_s - r alpha_t), r = sigma_s / sigma_t, so that one DDIM step lands on z''."""
   chex.assert_equal_shape([z, z_teacher])
-  alpha_t, _ = process._coefs(logsnr_t, z)  # pylint: disable=protected-access
-  alpha_s, _ = process._coefs(logsnr_s, z)  # pylint: disable=protected-access
+  alpha_t, _ = process.coefficients(logsnr_t, z)
+  alpha_s, _ = process.coefficients(logsnr_s, z)
   # sigma^2 = sigmoid(-lambda) => sigma_s / sigma_t = exp((softplus(lambda_t) - softplus(lambda_s)) / 2), stable.
-  r = jnp.exp(0.5 * (jax.nn.softplus(logsnr_t) - jax.nn.softplus(logsnr_s))).reshape((-1,) + (1,) * (z.ndim - 1))
+  r = process.expand(jnp.exp(0.5 * (jax.nn.softplus(logsnr_t) - jax.nn.softplus(logsnr_s))), z)
   return (z_teacher - r * z) / (alpha_s - r * alpha_t)
 
 
@@ -39,12 +39,12 @@ def student_target(*, teacher_fn, z, i, num_steps, logsnr_fn):
   """
   chex.assert_rank(i, 1)
   n = jnp.asarray(num_steps, jnp.float32)
-  u = (i.astype(jnp.float32) + 1.0) / n
+  u = (i.astype(jnp.float32) + 1.0) / n  # the student's time, as student_noise_level
   logsnr_t, logsnr_mid, logsnr_s = logsnr_fn(u), logsnr_fn(u - 0.5 / n), logsnr_fn(u - 1.0 / n)
   z_teacher, x_last = teacher_two_steps(teacher_fn=teacher_fn, z=z, logsnr_t=logsnr_t, logsnr_mid=logsnr_mid,
                                         logsnr_s=logsnr_s)
   x_target = student_x_target(z=z, z_teacher=z_teacher, logsnr_t=logsnr_t, logsnr_s=logsnr_s)
-  last = (i == 0).reshape((-1,) + (1,) * (z.ndim - 1))
+  last = process.expand(i == 0, z)
   x_target = jnp.where(last, x_last, x_target)
   return process.from_x(x=x_target, z=z, logsnr=logsnr_t)
 

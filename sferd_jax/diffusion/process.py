@@ -20,52 +20,56 @@ class Prediction(NamedTuple):
   v: jnp.ndarray
 
 
-def _coefs(logsnr, like):
-  """alpha, sigma of shape (B, 1, 1, 1) for images `like` of shape (B, H, W, C)."""
-  chex.assert_rank(logsnr, 1)
-  chex.assert_axis_dimension(like, 0, logsnr.shape[0])
+def expand(values, like):
+  """Per-example values (B,) reshaped to broadcast over `like`'s other axes: (B, 1, ..., 1)."""
+  chex.assert_rank(values, 1)
+  chex.assert_axis_dimension(like, 0, values.shape[0])
+  return values.reshape((-1,) + (1,) * (like.ndim - 1))
+
+
+def coefficients(logsnr, like):
+  """alpha, sigma at per-example log-SNRs (B,), shaped to broadcast over `like` (B, ...)."""
   alpha, sigma = schedules.alpha_sigma(logsnr)
-  expand = (slice(None),) + (None,) * (like.ndim - 1)
-  return alpha[expand], sigma[expand]
+  return expand(alpha, like), expand(sigma, like)
 
 
 def diffuse(*, x, eps, logsnr):
   """z_t = alpha x + sigma eps."""
   chex.assert_equal_shape([x, eps])
-  alpha, sigma = _coefs(logsnr, x)
+  alpha, sigma = coefficients(logsnr, x)
   return alpha * x + sigma * eps
 
 
 def x_from_eps(*, z, eps, logsnr):
   chex.assert_equal_shape([z, eps])
-  alpha, sigma = _coefs(logsnr, z)
+  alpha, sigma = coefficients(logsnr, z)
   return (z - sigma * eps) / alpha
 
 
 def eps_from_x(*, z, x, logsnr):
   chex.assert_equal_shape([z, x])
-  alpha, sigma = _coefs(logsnr, z)
+  alpha, sigma = coefficients(logsnr, z)
   return (z - alpha * x) / sigma
 
 
 def v_from_x_eps(*, x, eps, logsnr):
   """v = alpha eps - sigma x."""
   chex.assert_equal_shape([x, eps])
-  alpha, sigma = _coefs(logsnr, x)
+  alpha, sigma = coefficients(logsnr, x)
   return alpha * eps - sigma * x
 
 
 def x_from_v(*, z, v, logsnr):
   """x = alpha z - sigma v."""
   chex.assert_equal_shape([z, v])
-  alpha, sigma = _coefs(logsnr, z)
+  alpha, sigma = coefficients(logsnr, z)
   return alpha * z - sigma * v
 
 
 def eps_from_v(*, z, v, logsnr):
   """eps = sigma z + alpha v."""
   chex.assert_equal_shape([z, v])
-  alpha, sigma = _coefs(logsnr, z)
+  alpha, sigma = coefficients(logsnr, z)
   return sigma * z + alpha * v
 
 
@@ -91,7 +95,7 @@ def predict(*, output, z, logsnr, output_type):
   elif output_type == 'both':
     chex.assert_shape(output, z.shape[:-1] + (2 * z.shape[-1],))
     x_out, eps_out = jnp.split(output, 2, axis=-1)
-    alpha, sigma = _coefs(logsnr, z)
+    alpha, sigma = coefficients(logsnr, z)
     x = sigma**2 * x_out + alpha**2 * x_from_eps(z=z, eps=eps_out, logsnr=logsnr)
     eps = eps_from_x(z=z, x=x, logsnr=logsnr)
   else:

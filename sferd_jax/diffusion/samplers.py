@@ -16,19 +16,20 @@ SAMPLERS = ('ddim', 'ancestral')
 
 def ddim_step(*, pred, logsnr_s):
   """z_s = alpha_s x_hat + sigma_s eps_hat: the deterministic DDIM update (eta = 0)."""
-  alpha_s, sigma_s = process._coefs(logsnr_s, pred.x)  # pylint: disable=protected-access
+  alpha_s, sigma_s = process.coefficients(logsnr_s, pred.x)
   return alpha_s * pred.x + sigma_s * pred.eps
 
 
 def ancestral_step(*, pred, z_t, logsnr_t, logsnr_s, rng):
   """A draw from the posterior q(z_s | z_t, x = x_hat), with its own (smaller) variance."""
   chex.assert_equal_shape([pred.x, z_t])
-  alpha_t, sigma_t = process._coefs(logsnr_t, z_t)  # pylint: disable=protected-access
-  alpha_s, sigma_s = process._coefs(logsnr_s, z_t)  # pylint: disable=protected-access
+  alpha_t, _ = process.coefficients(logsnr_t, z_t)
+  alpha_s, sigma_s = process.coefficients(logsnr_s, z_t)
   # r = SNR_t / SNR_s < 1; the posterior mean mixes z_t and x_hat, its variance is (1 - r) sigma_s^2.
-  r = jnp.exp(logsnr_t - logsnr_s).reshape((-1,) + (1,) * (z_t.ndim - 1))
-  mean = r * (alpha_s / alpha_t) * z_t + (1.0 - r) * alpha_s * pred.x
-  std = jnp.sqrt((1.0 - r) * sigma_s**2)
+  r = process.expand(jnp.exp(logsnr_t - logsnr_s), z_t)
+  one_minus_r = process.expand(-jnp.expm1(logsnr_t - logsnr_s), z_t)  # exact when the steps are small
+  mean = r * (alpha_s / alpha_t) * z_t + one_minus_r * alpha_s * pred.x
+  std = jnp.sqrt(one_minus_r) * sigma_s
   return mean + std * jax.random.normal(rng, z_t.shape, z_t.dtype)
 
 

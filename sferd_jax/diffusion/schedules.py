@@ -17,13 +17,6 @@ def cosine_logsnr(t, *, logsnr_min=LOGSNR_MIN, logsnr_max=LOGSNR_MAX):
   return -2.0 * jnp.log(jnp.tan(a * jnp.asarray(t, jnp.float32) + b))
 
 
-def cosine_t_from_logsnr(logsnr, *, logsnr_min=LOGSNR_MIN, logsnr_max=LOGSNR_MAX):
-  """The inverse of cosine_logsnr."""
-  b = jnp.arctan(jnp.exp(-0.5 * logsnr_max))
-  a = jnp.arctan(jnp.exp(-0.5 * logsnr_min)) - b
-  return (jnp.arctan(jnp.exp(-0.5 * jnp.asarray(logsnr, jnp.float32))) - b) / a
-
-
 def alpha_sigma(logsnr):
   """(alpha, sigma) of z = alpha x + sigma eps at this log-SNR."""
   logsnr = jnp.asarray(logsnr, jnp.float32)

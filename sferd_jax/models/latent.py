@@ -89,9 +89,7 @@ class MLPSkipNet(nn.Module):
       raise ValueError(f"MLPSkipNet's output_type must be 'v', 'eps' or 'x', got {self.output_type!r}")
     dtype = jnp.dtype(self.dtype)
     dense = lambda features, name, **kw: nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name, **kw)
-    logsnr = jnp.clip(logsnr.astype(jnp.float32), schedules.LOGSNR_MIN, schedules.LOGSNR_MAX)
-    t = jnp.arctan(jnp.exp(-0.5 * logsnr)) / (0.5 * jnp.pi)
-    emb = layers.timestep_embedding(t, dim=self.time_emb_dim)
+    emb = layers.timestep_embedding(layers.inv_cos(logsnr), dim=self.time_emb_dim)
     emb = nn.swish(dense(self.width, 'time_dense1')(nn.swish(dense(self.width, 'time_dense0')(emb))))
     x = x.astype(dtype)
     h = x

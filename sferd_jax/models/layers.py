@@ -33,6 +33,13 @@ def group_norm(x, *, name):
   return out.astype(x.dtype)
 
 
+def inv_cos(logsnr):
+  """PD's 'inv_cos' noise-level input: t of the cosine schedule, in [0, 1], so the sinusoids see a well-spread
+  input whatever the log-SNR range."""
+  logsnr = jnp.clip(jnp.asarray(logsnr, jnp.float32), -20.0, 20.0)
+  return jnp.arctan(jnp.exp(-0.5 * logsnr)) / (0.5 * jnp.pi)
+
+
 def timestep_embedding(t, *, dim, max_time=1.0):
   """Sinusoidal embedding (B,) -> (B, dim) in float32, as PD's get_timestep_embedding (Fairseq/tensor2tensor)."""
   chex.assert_rank(t, 1)

@@ -206,7 +206,7 @@ class SeparateGradientNet(nn.Module):
     dtype = jnp.dtype(self.dtype)
     emb_ch = 4 * self.ch
     dense = lambda features, name: nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name)
-    emb = layers.timestep_embedding(_inv_cos(logsnr), dim=self.ch)
+    emb = layers.timestep_embedding(layers.inv_cos(logsnr), dim=self.ch)
     emb = dense(emb_ch, 'dense1')(nn.swish(dense(emb_ch, 'dense0')(emb)))
     z_emb = dense(emb_ch, 'z_embed')(z_sem.astype(dtype))
     h = _conv(self.ch, 'conv_in', self.dtype)(z.astype(dtype))
@@ -225,13 +225,7 @@ def _to_gradient(raw, logsnr, gradient_param):
     raise ValueError(f'gradient_param must be one of {GRADIENT_PARAMS}, got {gradient_param!r}')
   chex.assert_shape(logsnr, (raw.shape[0],))
   coef = semantic_gradient.shift_coefficient(logsnr)
-  return raw / coef.reshape((-1,) + (1,) * (raw.ndim - 1))
-
-
-def _inv_cos(logsnr):
-  """The U-Net's noise-level input: t of the cosine schedule in [0, 1] (PD's 'inv_cos')."""
-  logsnr = jnp.clip(logsnr.astype(jnp.float32), -20.0, 20.0)
-  return jnp.arctan(jnp.exp(-0.5 * logsnr)) / (0.5 * jnp.pi)
+  return raw / process.expand(coef, raw)
 
 
 # Applying the predictor next to a frozen student.
@@ -278,7 +272,7 @@ def predict_gradient(predictor, predictor_params, *, z, logsnr, z_sem, features=
 
 
 def model_semantic_loss(semantic_params, student_params, *, encoder, predictor, student, output_type, x0, z, logsnr,
-                        target, labels=None, loss_type='snr_trunc', clip_student_x=False, train=False,
+                        target, labels=None, loss_type='snr_trunc', train=False,
                         dropout_rng=None):
   """semantic_loss from the modules: the frozen student's pass, E_phi and G_tau all inside.
 
@@ -296,7 +290,7 @@ def model_semantic_loss(semantic_params, student_params, *, encoder, predictor, 
 
   return semantic_gradient.semantic_loss(semantic_params, encode_fn=encode_fn, gradient_fn=gradient_fn,
                                          student_pred=student_pred, x0=x0, z=z, logsnr=logsnr, target=target,
-                                         loss_type=loss_type, clip_student_x=clip_student_x)
+                                         loss_type=loss_type)
 
 
 def shifted_denoise_fn(*, student, student_params, output_type, predictor, predictor_params, z_sem, labels=None):

@@ -79,9 +79,7 @@ class UNetEncoder(_UNetFields):
     dtype = jnp.dtype(self.dtype)
     dense = lambda name: nn.Dense(self.emb_ch, dtype=dtype, param_dtype=jnp.float32, name=name)
 
-    # PD's 'inv_cos' input: t of the cosine schedule in [0, 1], so the sinusoids see a well-spread input.
-    logsnr = jnp.clip(logsnr.astype(jnp.float32), -20.0, 20.0)
-    emb = layers.timestep_embedding(jnp.arctan(jnp.exp(-0.5 * logsnr)) / (0.5 * jnp.pi), dim=self.ch)
+    emb = layers.timestep_embedding(layers.inv_cos(logsnr), dim=self.ch)
     emb = dense('dense1')(nn.swish(dense('dense0')(emb)))
     if self.num_classes > 0:
       if labels is None:

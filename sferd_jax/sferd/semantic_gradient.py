@@ -33,13 +33,6 @@ EncodeFn = Callable[..., jnp.ndarray]     # (encoder_params, x0) -> z_sem (B, la
 GradientFn = Callable[..., jnp.ndarray]   # (predictor_params, z, logsnr, z_sem) -> g, z's shape
 
 
-def _expand(values, like):
-  """(B,) -> (B, 1, ..., 1) broadcasting over `like`'s non-batch axes (images or flat codes)."""
-  chex.assert_rank(values, 1)
-  chex.assert_axis_dimension(like, 0, values.shape[0])
-  return values.reshape((-1,) + (1,) * (like.ndim - 1))
-
-
 def shift_coefficient(logsnr):
   """sigma^2 / alpha at log-SNR lambda (any shape), computed in log space.
 
@@ -58,7 +51,7 @@ def shift_coefficient(logsnr):
 def shift_x(*, x_hat, g, logsnr):
   """x_hat' = x_hat + (sigma_t^2 / alpha_t) g; x_hat and g (B, ...) alike, logsnr (B,) the student's lambda_t."""
   chex.assert_equal_shape([x_hat, g])
-  return x_hat + _expand(shift_coefficient(logsnr), x_hat) * g
+  return x_hat + process.expand(shift_coefficient(logsnr), x_hat) * g
 
 
 def shifted_prediction(*, pred, g, z, logsnr):
@@ -70,13 +63,13 @@ def shifted_prediction(*, pred, g, z, logsnr):
   whatever the student's output type.
   """
   chex.assert_equal_shape([pred.x, pred.eps, pred.v, g, z])
-  alpha, sigma = process._coefs(logsnr, z)  # pylint: disable=protected-access
+  alpha, sigma = process.coefficients(logsnr, z)
   return process.Prediction(x=shift_x(x_hat=pred.x, g=g, logsnr=logsnr), eps=pred.eps - sigma * g,
                             v=pred.v - (sigma / alpha) * g)
 
 
 def semantic_loss(semantic_params, *, encode_fn: EncodeFn, gradient_fn: GradientFn, student_pred, x0, z, logsnr,
-                  target, loss_type='snr_trunc', clip_student_x=False):
+                  target, loss_type='snr_trunc'):
   """Mean loss of the shifted student against the distillation target, and metrics; differentiable in
   semantic_params = {'encoder': ..., 'predictor': ...} only.
 
@@ -89,8 +82,6 @@ def semantic_loss(semantic_params, *, encode_fn: EncodeFn, gradient_fn: Gradient
     z: (B, H, W, C) noisy images at the student's log-SNR `logsnr` (B,).
     target: the Prediction the student regresses, from distillation.student_target with the (guided) teacher.
     loss_type: one of losses.LOSS_TYPES; 'snr_trunc' (PD's) by default.
-    clip_student_x: clip the student's x to [-1, 1] before the shift, as the official code does. Off by default:
-      the student was distilled unclipped, and the sampler clips the shifted x, not the student's.
 
   Returns:
     (loss, metrics): loss the batch mean; metrics {'loss', 'student_loss' (the plain student's, the baseline to
@@ -98,8 +89,6 @@ def semantic_loss(semantic_params, *, encode_fn: EncodeFn, gradient_fn: Gradient
   """
   student_pred = jax.lax.stop_gradient(student_pred)
   target = jax.lax.stop_gradient(target)
-  if clip_student_x:
-    student_pred = process.clip_x(student_pred, z=z, logsnr=logsnr)
   z_sem = encode_fn(semantic_params['encoder'], x0)
   chex.assert_rank(z_sem, 2)
   g = gradient_fn(semantic_params['predictor'], z, logsnr, z_sem)
