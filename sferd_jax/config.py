@@ -132,6 +132,8 @@ def base_config():
       separate_ch=64,         # channels of the 'separate' form
       gradient_param='x_shift',  # what G_tau outputs: x_shift (the x shift sigma^2/alpha g; trains stably at
                               # lambda = -20, where 1-step students live) | score (g itself, as in PDAE)
+      init_from_student=False,  # 'shift' form: start G_tau's decoder from the student's weights (output conv
+                              # still zero); False = from scratch, as PDAE
   )
   config.sferd.latent = dict(     # the latent diffusion model that samples z_sem without a real image
       num_layers=10,          # MLPSkipNet Dense layers (PDAE: 10)
@@ -247,6 +249,8 @@ def validate(config):
       check(config.sferd.semantic if key == 'sferd.semantic' else config.sferd.latent)
     except ValueError as e:
       raise ConfigError(f'config.{key}: {e}') from None
+  if config.sferd.semantic.init_from_student and config.sferd.semantic.form != 'shift':
+    _fail('sferd.semantic.init_from_student', "copies the student's decoder, which only the 'shift' form mirrors")
   stages = num_stages(config)
   for stage in config.sferd.semantic.stages:
     if not (1 <= stage <= stages or -stages <= stage <= -1):

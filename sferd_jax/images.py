@@ -6,6 +6,11 @@ import os
 import numpy as np
 
 
+def from_uint8(images):
+  """uint8 [0, 255] -> float32 [-1, 1] (127.5 is exact in float32, so 0 -> -1 and 255 -> 1 exactly)."""
+  return np.asarray(images, np.float32) / 127.5 - 1.0
+
+
 def to_uint8(x):
   """[-1, 1] floats -> uint8 [0, 255]."""
   return np.asarray(np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255), np.uint8)

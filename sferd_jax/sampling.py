@@ -159,6 +159,16 @@ def sample(params, rng, *, model_config, num_samples, num_steps, labels=None, sa
   return np.concatenate(out)
 
 
+def in_workdir(path, workdir):
+  """A model path as configs give it: None = the workdir itself; relative paths are tried inside the workdir first
+  ('teacher', 'distill/stage_3'), then as given."""
+  if not path:
+    return workdir
+  if not os.path.isabs(path) and os.path.exists(os.path.join(workdir, path)):
+    return os.path.join(workdir, path)
+  return path
+
+
 def resolve_model_path(path):
   """An export folder, a phase folder (its model/) or a run folder (its last finished stage, else its teacher)."""
   path = os.path.abspath(path)
@@ -230,10 +240,7 @@ def load(path):
 def write_samples(config, workdir):
   """The CLI's sample mode: a PNG grid and an .npz of config.sample.num_samples samples."""
   from absl import logging  # pylint: disable=g-import-not-at-top
-  source = config.sample.model
-  if source and not os.path.isabs(source) and os.path.exists(os.path.join(workdir, source)):
-    source = os.path.join(workdir, source)
-  model = load(source or workdir)
+  model = load(in_workdir(config.sample.model, workdir))
   num_steps = config.sample.num_steps or model.config.num_steps
   guidance = dict(config.sferd.attention_guidance, enabled=True) if config.sample.guidance else None
   images = model.sample(jax.random.key(config.seed), num_samples=config.sample.num_samples, num_steps=num_steps,

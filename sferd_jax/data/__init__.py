@@ -6,6 +6,7 @@
 """
 
 from sferd_jax.data.pipeline import Batches
+from sferd_jax.data.pipeline import data_config
 from sferd_jax.data.pipeline import load_batches
 from sferd_jax.data.pipeline import Prefetcher
 from sferd_jax.data.sources import ArraySource

@@ -23,6 +23,11 @@ IN_MEMORY_MAX_BYTES = 4 * 2**30
 _EPOCH_CACHE = 4  # epochs whose order is kept; a call spans at most a few
 
 
+def data_config(config):
+  """A run config's data section plus the image shape, which its model section owns: what load_source reads."""
+  return dict(config.data.to_dict(), image_size=config.model.image_size, channels=config.model.channels)
+
+
 class Batches:
   """Deterministic, resumable, per-process batches of one source.
 

@@ -107,21 +107,9 @@ def _write_text_atomic(path, text):
   os.replace(tmp, path)
 
 
-def _format_eta(seconds):
-  seconds = int(max(seconds, 0))
-  h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
-  return f'{h}h{m:02d}m' if h else f'{m}m{s:02d}s'
-
-
-def _data_config(config):
-  # Imported here: the training pipeline imports this module for its evaluate phase.
-  from sferd_jax.training import pipeline  # pylint: disable=g-import-not-at-top
-  return pipeline.data_config(config)
-
-
 def _data_description(config, num_images, **extra):
   """What a cached reference or classifier was computed from; a change invalidates the cache."""
-  data = config_lib.to_json(_data_config(config))
+  data = config_lib.to_json(data_lib.data_config(config))
   data.pop('random_flip', None)  # Training-time augmentation: neither the reference nor the classifier sees it.
   return json.dumps(dict(data, num_images=int(num_images), **extra), sort_keys=True)
 
@@ -149,7 +137,7 @@ def classifier_feature_fn(config, workdir):
   directory = _classifier_dir(workdir)
   path, info_path = os.path.join(directory, 'classifier.npz'), os.path.join(directory, 'info.json')
   if not os.path.exists(path):
-    source = data_lib.load_source(_data_config(config))
+    source = data_lib.load_source(data_lib.data_config(config))
     indices = _subset(len(source), CLASSIFIER_MAX_IMAGES, config.seed)
     images, labels = source.read(indices, num_threads=16)
     held_out = max(1, int(len(indices) * CLASSIFIER_HELD_OUT))
@@ -268,7 +256,7 @@ def reference_for(config, workdir, feature_fn):
     return Reference(stats, features, os.path.abspath(given))
 
   path = reference_path(workdir, extractor)
-  source = data_lib.load_source(_data_config(config))
+  source = data_lib.load_source(data_lib.data_config(config))
   num_images = min(len(source), config.evaluate.num_samples)
   # The seed picks the subset of a larger dataset.
   description = _data_description(config, num_images, seed=config.seed if num_images < len(source) else None)
@@ -305,9 +293,7 @@ def model_label(path, workdir):
 
 
 def _resolve(path, workdir):
-  if not os.path.isabs(path) and os.path.exists(os.path.join(workdir, path)):
-    path = os.path.join(workdir, path)
-  return sampling.resolve_model_path(path)
+  return sampling.resolve_model_path(sampling.in_workdir(path, workdir))
 
 
 def model_paths(config, workdir):
@@ -446,7 +432,7 @@ def variant_features(model, config, variant, directory, feature_fn, *, log_prefi
         # The first round of a call includes compilation: leave it out of the rate once there are others.
         per_round = np.mean(times[1:] if len(times) > 1 else times)
         logging.info('%sround %d/%d (%d samples) in %.1f s, %.1f samples/s | ETA %s', log_prefix, r + 1, len(sizes),
-                     n, times[-1], n / max(times[-1], 1e-9), _format_eta(per_round * remaining))
+                     n, times[-1], n / max(times[-1], 1e-9), loop.format_eta(per_round * remaining))
       features = extract(feature_fn, images)
       save_npz_atomic(feature_path, extractor=np.str_(feature_fn.extractor), **features)
     parts.append(features)

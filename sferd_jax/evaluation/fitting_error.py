@@ -28,6 +28,7 @@ from absl import logging
 
 from sferd_jax import config as config_lib
 from sferd_jax import data as data_lib
+from sferd_jax import images as images_lib
 from sferd_jax import sampling
 from sferd_jax.diffusion import process
 from sferd_jax.diffusion import schedules
@@ -225,24 +226,19 @@ def plot_maps(path, *, x0, x_mean, bv, mass, block, t, correlation):
 
 def _load_model(config, workdir):
   """config.analyze.model as sample.model: a path in the workdir or anywhere; None = the workdir's last model."""
-  source = config.analyze.model
-  if source and not os.path.isabs(source) and os.path.exists(os.path.join(workdir, source)):
-    source = os.path.join(workdir, source)
-  return sampling.load(source or workdir)
+  return sampling.load(sampling.in_workdir(config.analyze.model, workdir))
 
 
 def _real_images(config, model, num_images):
   """num_images images of config.data (a seeded subset), as floats in [-1, 1], and their labels."""
-  # Imported here: the training pipeline imports the evaluation package for its evaluate phase.
-  from sferd_jax.training import pipeline  # pylint: disable=g-import-not-at-top
-  source = data_lib.load_source(pipeline.data_config(config))
+  source = data_lib.load_source(data_lib.data_config(config))
   want = (model.config.model.image_size, model.config.model.image_size, model.config.model.channels)
   if tuple(source.image_shape) != want:
     raise config_lib.ConfigError(f'{model.path} takes {want} images but config.data gives {source.describe()}: '
                                  "set config.model's image_size and channels to the analysed model's")
   indices = np.sort(np.random.default_rng(config.seed).permutation(len(source))[:num_images])
   images, labels = source.read(indices, num_threads=16)
-  return images.astype(np.float32) / 127.5 - 1.0, labels.astype(np.int32), source.describe()
+  return images_lib.from_uint8(images), labels.astype(np.int32), source.describe()
 
 
 def _json_float(value):

@@ -46,7 +46,7 @@ class Phase:
   sample_fn: Optional[Callable[[Any], np.ndarray]] = None  # params -> uint8 images, for grids
 
 
-def _format_eta(seconds):
+def format_eta(seconds):
   if not math.isfinite(seconds):
     return '?'
   seconds = int(seconds)
@@ -235,7 +235,7 @@ def run_phase(phase, *, batches, mesh, rng):
         logging.info('%s: step %d/%d (%d%%) loss %.5f grad_norm %.3f lr %.2e | %.1f img/s | ETA %s',
                      phase.name, step, cfg.train_steps, 100 * step // cfg.train_steps, last_record['loss'],
                      last_record['grad_norm'], last_record['learning_rate'], last_record['images_per_s'],
-                     _format_eta(eta))
+                     format_eta(eta))
         timer_start, timer_images = time.perf_counter(), 0
       if save_now:
         save(step)

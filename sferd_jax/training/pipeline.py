@@ -39,13 +39,8 @@ GRID_SAMPLES = 64
 TEACHER_GRID_STEPS = 128  # teacher grids show the base model well sampled (or at start_num_steps if more)
 
 
-def data_config(config):
-  """The data section plus the image shape, which the model section owns."""
-  return dict(config.data.to_dict(), image_size=config.model.image_size, channels=config.model.channels)
-
-
 def make_batches(config, train_config, *, seed_offset=0):
-  source = data_lib.load_source(data_config(config))
+  source = data_lib.load_source(data_lib.data_config(config))
   logging.info('data: %s', source)
   return data_lib.Batches(source, global_batch_size=train_config.batch_size, seed=config.seed + seed_offset,
                           random_flip=config.data.random_flip)
@@ -114,7 +109,7 @@ def run_teacher(config, workdir, *, mesh=None):
                                        diffusion_config=config.diffusion.to_dict(), train_config=train_config,
                                        tx=tx, schedule=schedule),
       init_state=init_fn(config, train_config, tx),
-      meta=dict(model=config.model.to_dict(), diffusion=config.diffusion.to_dict(), data=data_config(config),
+      meta=dict(model=config.model.to_dict(), diffusion=config.diffusion.to_dict(), data=data_lib.data_config(config),
                 seed=config.seed, loss=train_config.loss),
       sample_fn=grid_sampler(config, max(TEACHER_GRID_STEPS, config.distill.start_num_steps)))
   state, summary = loop.run_phase(phase, batches=make_batches(config, train_config), mesh=mesh,
@@ -181,8 +176,8 @@ def run_distill(config, workdir, *, mesh=None):
           name=name, directory=directory, train_config=train_config, step=step, init_state=init,
           init_args=(teacher_params,),
           extra_args=(teacher_params, jnp.int32(student_steps)),
-          meta=dict(model=config.model.to_dict(), diffusion=config.diffusion.to_dict(), data=data_config(config),
-                    seed=config.seed, loss=train_config.loss, student_steps=student_steps,
+          meta=dict(model=config.model.to_dict(), diffusion=config.diffusion.to_dict(),
+                    data=data_lib.data_config(config), seed=config.seed, loss=train_config.loss, student_steps=student_steps,
                     teacher=checkpointing.fingerprint(teacher_params)),
           sample_fn=grid_sampler(config, student_steps))
       # Each stage draws its own examples and noise: the stage number offsets the seed.
@@ -260,10 +255,11 @@ def run_semantic(config, workdir, *, mesh=None):
       teacher_fn=attention_guidance.denoise_factory(config.model, config.sferd.attention_guidance))
   batches = make_batches(config, train_config, seed_offset=2)
 
-  def init(rng):
-    return lambda: state_lib.TrainState.create(
-        params=semantic_lib.init_semantic_params(encoder, predictor, rng, model_config=config.model), tx=tx,
-        ema_decay=train_config.ema_decay)
+  def init(rng, student_params):
+    params = semantic_lib.init_semantic_params(encoder, predictor, rng, model_config=config.model)
+    if config.sferd.semantic.init_from_student:
+      params = dict(params, predictor=semantic_lib.warm_start_from_student(params['predictor'], student_params))
+    return state_lib.TrainState.create(params=params, tx=tx, ema_decay=train_config.ema_decay)
 
   for stage in config_lib.semantic_stages(config):
     student_path = _finished_stage(workdir, stage, 'the semantic phase')
@@ -278,8 +274,9 @@ def run_semantic(config, workdir, *, mesh=None):
     rng = jax.random.fold_in(jax.random.key(config.seed + 2), stage)
     phase = loop.Phase(
         name=f'semantic stage {stage} ({num_steps}-step student)', directory=directory, train_config=train_config,
-        step=step, init_state=init(rng), extra_args=(student.params, teacher_params, jnp.int32(num_steps)),
-        meta=dict(semantic=config.sferd.semantic.to_dict(), data=data_config(config), seed=config.seed,
+        step=step, init_state=init, init_args=(rng, student.params),
+        extra_args=(student.params, teacher_params, jnp.int32(num_steps)),
+        meta=dict(semantic=config.sferd.semantic.to_dict(), data=data_lib.data_config(config), seed=config.seed,
                   loss=train_config.loss, student=checkpointing.fingerprint(student.params)),
         sample_fn=reconstruction_sampler(config, student, batches.get(0)))
     state, summary = loop.run_phase(phase, batches=batches, mesh=mesh, rng=rng)
@@ -340,10 +337,10 @@ class CodeBatches(data_lib.Batches):
 
 def encode_dataset(config, encoder, encoder_params, *, batch_size=256):
   """E_phi of every training image: (N, latent_dim) float32."""
-  source = data_lib.load_source(data_config(config))
+  source = data_lib.load_source(data_lib.data_config(config))
   images, _ = source.read(np.arange(len(source)))
   encode = jax.jit(lambda p, x: encoder.apply({'params': p}, x))
-  codes = [jax.device_get(encode(encoder_params, images[i:i + batch_size].astype(np.float32) / 127.5 - 1.0))
+  codes = [jax.device_get(encode(encoder_params, images_lib.from_uint8(images[i:i + batch_size])))
            for i in range(0, len(images), batch_size)]
   return np.concatenate(codes)
 
