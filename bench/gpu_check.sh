@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The GPU check, as one prepared command for a session that has a GPU (an H100 or H200 of the device tool):
-#   1. the sharded == single-device step tests, on 4 fake CPU devices of the GPU image (one GPU cannot shard; this
-#      checks the sharding code under the image's jax 0.11.2 / Python 3.12),
-#   2. a short teacher-training smoke on the GPU (configs/tiny.py, --mode=train_teacher),
-#   3. bench at the CIFAR-10 configs, batch 128: the teacher step (configs/cifar10_teacher.py: dropout 0.2, EMA, as
-#      the teacher trains), the plain and guided distill steps and 1-step sampling at batch 1024 with and without
-#      the semantic predictor (configs/cifar10_stage.py). 20 timed calls after 3 warm-ups, as the anchor's.
+# The GPU check, as one prepared command for a session that has a GPU (an H100 or H200 of the device tool), most
+# valuable first, since a lease may end before the last stage:
+#   1. a short teacher-training smoke on the GPU (configs/tiny.py, --mode=train_teacher),
+#   2. bench at the CIFAR-10 configs, batch 128: the teacher step (configs/cifar10_teacher.py: dropout 0.2, EMA, as
+#      the teacher trains), the plain and guided distill steps, the semantic step, and 1-step sampling at batch 1024
+#      with and without the semantic predictor (configs/cifar10_stage.py). 20 timed calls after 3 warm-ups, as the
+#      anchor's,
+#   3. the sharded == single-device step tests, on 4 fake CPU devices of the GPU image (one GPU cannot shard; this
+#      checks the sharding code under the image's jax 0.11.2 / Python 3.12).
 # Run from the repository root:  bash bench/gpu_check.sh
 # The GPU image has no ml_collections: carry it as a wheel in .whl/ (git ignores it). Fetch it here once with
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl ml-collections==1.1.0
@@ -13,7 +15,7 @@
 # PYTHONPATH. Everything goes to $OUT (a temporary folder when unset): gpu_check.log, bench_cifar10.jsonl,
 # bench_cifar10.md (its table), nvidia_smi.txt. Estimated at ~6 minutes (compiles take ~40 s each there; never run
 # on a GPU yet, but run end to end on CPU with the tiny config in place of CIFAR-10). Each stage has its own time
-# limit, together 570 s: give the device tool timeout_s=600.
+# limit, together 610 s: give the device tool timeout_s=600 (the last stage, the CPU tests, may be cut).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-$(mktemp -d)}
@@ -43,10 +45,6 @@ nvidia-smi > "$OUT/nvidia_smi.txt" 2>&1
 stage versions 30 python3 -c 'import jax, flax, optax, ml_collections; print(jax.__version__, flax.__version__,
 optax.__version__, jax.devices())'
 
-stage sharded_tests 100 env JAX_PLATFORMS=cpu python3 -m pytest -q -x -p no:cacheprovider -n 2 \
-  tests/test_training.py::test_sharded_teacher_step_equals_single_device \
-  tests/test_guided_distill.py::test_guided_distill_step_sharded_equals_single_device
-
 WORK=$(mktemp -d)
 stage train_smoke 90 python3 -m sferd_jax.main --config=configs/tiny.py --workdir="$WORK/tiny" --mode=train_teacher
 stage train_smoke_summary 10 python3 -c "import json, math, sys; s = json.load(open(sys.argv[1])); print(s);
@@ -55,12 +53,16 @@ assert math.isfinite(s['final_loss']) and s['gflop_per_step']" "$WORK/tiny/teach
 JSONL="$OUT/bench_cifar10.jsonl"
 COMMON=(--batch_size=128 --steps=20 --warmup=3 --out="$JSONL")
 stage bench_teacher 100 python3 bench/bench.py --config=configs/cifar10_teacher.py --only=teacher "${COMMON[@]}"
-stage bench_stage 240 python3 bench/bench.py --config=configs/cifar10_stage.py --only=guided,sample \
+stage bench_stage 300 python3 bench/bench.py --config=configs/cifar10_stage.py --only=guided,semantic,sample \
   --sample_batch_size=1024 "${COMMON[@]}"
-
 if [ -s "$JSONL" ]; then
   python3 bench/bench.py --summarize="$JSONL" | tee "$OUT/bench_cifar10.md"
 fi
+
+stage sharded_tests 80 env JAX_PLATFORMS=cpu python3 -m pytest -q -x -p no:cacheprovider -n 2 \
+  tests/test_training.py::test_sharded_teacher_step_equals_single_device \
+  tests/test_guided_distill.py::test_guided_distill_step_sharded_equals_single_device
+
 if [ ${#failed[@]} -gt 0 ]; then
   echo "FAILED: ${failed[*]}" | tee -a "$LOG"
   exit 1
