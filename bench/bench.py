@@ -85,7 +85,8 @@ def metadata(config, *, config_name, mesh, params, overrides=()):
   """The fields every JSON line carries (with its batch_size): where it ran and on what."""
   device = mesh.devices.flat[0]
   return dict(device_kind=device.device_kind, platform=device.platform, device_count=int(mesh.devices.size),
-              jax_version=jax.__version__, flax_version=flax.__version__, config=config_name,
+              jax_version=jax.__version__, flax_version=flax.__version__,
+              prng_impl=jax.config.jax_default_prng_impl, config=config_name,
               overrides=config_lib.to_json(dict(overrides)), dtype=config.model.dtype,
               unet_params_m=round(sum(x.size for x in jax.tree.leaves(params)) / 1e6, 3))
 
