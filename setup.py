@@ -21,11 +21,13 @@ setuptools.setup(
         'numpy>=2.0,<3',
         'absl-py>=2.0,<3',
         'pillow>=10,<14',
+        'scikit-learn>=1.5,<2',  # the embedded default dataset (digits) and the quickstart's classifier metric
+        'scipy>=1.13,<2',        # FID's matrix square root
     ],
     extras_require={
         'data': ['tensorflow-datasets>=4.9.10,<5', 'importlib_resources>=7', 'array_record>=0.8.6',
-                 'grain>=0.2.18,<0.3', 'scikit-learn>=1.5,<2', 'clu>=0.0.12'],
-        'eval': ['matplotlib>=3.8,<4', 'scipy>=1.13,<2'],
-        'test': ['pytest>=9,<10', 'pytest-xdist>=3.8,<4', 'scipy>=1.13,<2', 'scikit-learn>=1.5,<2'],
+                 'grain>=0.2.18,<0.3'],
+        'eval': ['matplotlib>=3.8,<4'],
+        'test': ['pytest>=9,<10', 'pytest-xdist>=3.8,<4'],
     },
 )

@@ -7,7 +7,6 @@ import importlib.util
 import json
 import os
 import re
-import time
 import warnings
 
 import matplotlib
@@ -85,11 +84,9 @@ def test_quickstart_notebook_runs_on_the_tiny_config(tiny_run, monkeypatch):
   monkeypatch.setenv('SFERD_NOTEBOOK_CONFIG', 'configs/tiny.py')
   monkeypatch.setenv('SFERD_NOTEBOOK_WORKDIR', workdir)
   monkeypatch.chdir(ROOT)
-  start = time.time()
   with warnings.catch_warnings():
     warnings.filterwarnings('ignore', message='.*non-interactive.*')  # plt.show() under Agg
     namespace, num_cells = run_notebook(QUICKSTART)
-  elapsed = time.time() - start
   try:
     assert num_cells >= 8
     assert namespace['WORKDIR'] == workdir and namespace['config'].model.image_size == 8
@@ -110,7 +107,5 @@ def test_quickstart_notebook_runs_on_the_tiny_config(tiny_run, monkeypatch):
     np.testing.assert_allclose(np.asarray(probs).sum(-1), 1.0, rtol=1e-5)
     mask = namespace['mask']
     assert mask.shape == (8, 8, 8, 1) and set(np.unique(mask)) <= {0.0, 1.0}
-    # The notebook's work on top of the finished run (sampling and plots, no training) stays small.
-    assert elapsed < 120, f'the notebook took {elapsed:.0f} s on a finished run'
   finally:
     plt.close('all')
