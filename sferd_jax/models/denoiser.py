@@ -1,6 +1,7 @@
 """A U-Net's raw output -> Prediction(x, eps, v): the one place training and sampling apply a model."""
 
 from sferd_jax.diffusion import process
+from sferd_jax.models import unet
 
 
 def labels_or_none(model_config, labels):
@@ -19,7 +20,6 @@ def denoise_with_attention(model, params, z, logsnr, labels=None, *, output_type
 
   `model` must have been built with `block` in its capture_attention.
   """
-  from sferd_jax.models import unet  # pylint: disable=g-import-not-at-top
   out, state = model.apply({'params': params}, z, logsnr, labels, train=False, mutable=['intermediates'])
   probs = unet.attention_probs(state['intermediates'])
   if block not in probs:
