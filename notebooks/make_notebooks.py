@@ -234,7 +234,7 @@ labels = jnp.zeros((NUM,), jnp.int32) if model_config.num_classes else None
 _, state = capturing.apply({'params': teacher.params}, z, logsnr, labels, train=False, mutable=['intermediates'])
 probs = unet.attention_probs(state)[block]  # (batch, heads, queries, keys)
 side = int(np.sqrt(probs.shape[-1]))
-mass = np.asarray(probs.mean(axis=1).sum(axis=1)).reshape(NUM, side, side)  # attention drawn; 1.0 = the average
+mass = np.asarray(attention_guidance.attention_mass(probs)).reshape(NUM, side, side)  # 1.0 = the average
 mask = np.asarray(attention_guidance.risky_mask(probs, image_hw=model_config.image_size,
                                                 threshold=config.sferd.attention_guidance['threshold']))
 

@@ -1,8 +1,11 @@
 """The small digits classifier: trains fast, same feature-fn contract as Inception, exact save/load."""
 
+import jax
 import numpy as np
+import optax
 import pytest
 
+from sferd_jax import config as config_lib
 from sferd_jax.evaluation import classifier
 from sferd_jax.evaluation import metrics
 
@@ -67,3 +70,29 @@ def test_save_load_round_trip(tmp_path, digits, trained):
   assert fn2.extractor == classifier.make_feature_fn(model, params).extractor
   with pytest.raises(FileNotFoundError, match='nope.npz'):
     classifier.load_classifier(tmp_path / 'nope.npz')
+
+
+def test_unlabelled_or_single_class_data_asks_for_the_inception():
+  images = np.zeros((6, 8, 8, 1), np.uint8)
+  for labels, num_classes, found in ((None, None, 'no labels'), (np.zeros(6, int), None, '1 class'),
+                                     (np.array([0, 1] * 3), 1, 'num_classes=1')):
+    with pytest.raises(config_lib.ConfigError, match=f'{found}.*features=inception.*inception_weights'):
+      classifier.train_classifier(images, labels, num_classes=num_classes)
+  classifier.check_trainable(np.array([0, 1, 1]), num_classes=2)  # two classes: fine
+
+
+def test_the_train_step_takes_the_data_as_arguments():
+  """Closed over, the images would be constants of the compiled step; as arguments they are not."""
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8)
+  labels = np.arange(40) % 3
+  model = classifier.Classifier(num_classes=3, image_shape=(8, 8, 1), widths=(4,), feature_dim=8)
+  params = model.init(jax.random.PRNGKey(0), images[:1])['params']
+  tx = optax.sgd(0.1)  # Not Adam: its first update is ~lr * sign(grad), blind to the data's values.
+  step = classifier.make_train_step(model, tx, key=jax.random.PRNGKey(1), batch_size=4)
+  jaxpr = jax.make_jaxpr(step)(params, tx.init(params), 0, images, labels)
+  assert not [c.shape for c in jaxpr.consts if np.size(c) >= images[:4].size]
+  # The step reads the data it is given: other images, other updates.
+  a = step(params, tx.init(params), 0, images, labels)[0]
+  b = step(params, tx.init(params), 0, 255 - images, labels)[0]
+  assert not np.allclose(a['head']['kernel'], b['head']['kernel'])

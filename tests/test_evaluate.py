@@ -11,6 +11,7 @@ import pytest
 from sferd_jax import config as config_lib
 from sferd_jax import sampling
 from sferd_jax.evaluation import evaluate
+from sferd_jax.evaluation import inception
 from sferd_jax.evaluation import metrics
 from sferd_jax.training import checkpointing
 from sferd_jax.training import loop
@@ -189,3 +190,94 @@ def test_merge_rows_replaces_same_key_and_appends_new():
   merged = evaluate.merge_rows(old, [row('b', 10, 3.0), row('a', 20, 4.0)])
   assert [(r['model'], r['num_samples'], r['fid']) for r in merged] == [('a', 10, 1.0), ('b', 10, 3.0),
                                                                          ('a', 20, 4.0)]
+
+
+def _fake_inception(dim=16):
+  """A feature fn named like the Inception's: a fixed projection of the pixels, with logits (for IS)."""
+  rng = np.random.default_rng(0)
+  project, head = rng.normal(size=(64, dim)), rng.normal(size=(dim, 5))
+
+  def fn(images):
+    pool = np.asarray(images, np.float32).reshape(len(images), -1) / 255.0 @ project
+    return {'pool': pool.astype(np.float32), 'logits': (pool @ head).astype(np.float32)}
+
+  fn.extractor = f'{inception.EXTRACTOR_NAME}/fake'
+  return fn
+
+
+def test_published_stats_give_fid_and_is_and_no_kid(runs, tmp_path, caplog):
+  """features=inception with a published mu/sigma file (no extractor, no image count, no features)."""
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(runs['fresh'], workdir)
+  fake = _fake_inception()
+  reference = fake(np.random.default_rng(1).integers(0, 256, (100, 8, 8, 1), dtype=np.uint8))['pool']
+  published = str(tmp_path / 'published.npz')
+  np.savez(published, mu=reference.mean(0), sigma=np.cov(reference, rowvar=False))
+  config = small_config(**{'evaluate.reference_stats': published, 'evaluate.models': ('teacher',)})
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(sampling.Model, 'sample', lambda *a, **k: pytest.fail('sampled again'))
+    mp.setattr(evaluate, 'feature_fn_for', lambda *a: fake)
+    with caplog.at_level('WARNING'):
+      rows = evaluate.run_evaluate(config, workdir)['rows']
+  assert len(rows) == 2 and all(r['kid_mean'] is None and r['kid_std'] is None for r in rows)
+  assert all(np.isfinite(r['fid']) and r['fid'] > 0 and np.isfinite(r['is_mean']) for r in rows)
+  assert 'names no feature extractor' in caplog.text and 'KID is not computed' in caplog.text
+  table = _table(evaluate.results_table(rows))
+  assert [r['KID'] for r in table] == ['-', '-'] and table[0]['FID'] == f"{rows[0]['fid']:.3f}"
+  # Statistics of another dimension: a config error, not a scipy one; a published file for the classifier: refused.
+  np.savez(published, mu=reference.mean(0)[:4], sigma=np.eye(4))
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(evaluate, 'feature_fn_for', lambda *a: fake)
+    with pytest.raises(config_lib.ConfigError, match='4-d but the features are 16-d.*reference_stats'):
+      evaluate.run_evaluate(config, workdir)
+  with pytest.raises(config_lib.ConfigError, match='reference_stats.*features=inception only'):
+    evaluate.run_evaluate(config, workdir)
+
+
+def _table(markdown):
+  """results.md's table as one {header: cell} dict per row."""
+  lines = [line for line in markdown.splitlines() if line.startswith('| ')]
+  cells = lambda line: [c.strip() for c in line.strip('|').split('|')]
+  return [dict(zip(cells(lines[0]), cells(line))) for line in lines[1:]]
+
+
+def test_kid_header_and_values_are_the_raw_mmd():
+  row = dict(model='m', stage=0, num_steps=1, guidance=False, semantic=False, num_samples=10, fid=1.0,
+             kid_mean=0.0123, kid_std=0.0011, is_mean=None, is_std=None, extractor='classifier/x')
+  table = evaluate.results_table([row])
+  assert _table(table) == [{'model': 'm', 'stage': 'teacher', 'steps': '1', 'guidance': 'off', 'semantic': 'off',
+                            'samples': '10', 'FID': '1.000', 'KID': '0.0123 ± 0.0011', 'IS': '-',
+                            'features': 'classifier'}]
+  assert 'not scaled by 1e3' in table
+
+
+def test_samples_png_is_skipped_when_the_samples_are_gone(runs, tmp_path):
+  """Round files deleted to save space, features kept: the scores stand, samples.png is not drawn from None."""
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(runs['fresh'], workdir)
+  variant_dir = os.path.join(workdir, evaluate.EVAL_DIR, 'teacher_4steps')
+  for name in os.listdir(variant_dir):
+    if name == 'samples.png' or (name.endswith('.npz') and not name.endswith('.features.npz')):
+      os.remove(os.path.join(variant_dir, name))
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(sampling.Model, 'sample', lambda *a, **k: pytest.fail('sampled again'))
+    rows = evaluate.run_evaluate(small_config(**{'evaluate.models': ('teacher',), 'evaluate.guidance': (False,)}),
+                                 workdir)['rows']
+  assert rows == runs['uninterrupted']['rows'][:1]
+  assert not os.path.exists(os.path.join(variant_dir, 'samples.png'))
+
+
+def test_unlabelled_data_asks_for_inception_weights(tiny_run, tmp_path):
+  workdir = _copy_exports(tiny_run[0], tmp_path / 'run')
+  data = str(tmp_path / 'unlabelled.npz')
+  np.savez(data, images=np.random.default_rng(0).integers(0, 256, (30, 8, 8, 1), dtype=np.uint8))
+  config = small_config(**{'data.name': 'npz', 'data.path': data})
+  with pytest.raises(config_lib.ConfigError, match='at least 2 classes.*1 classes.*inception_weights=OUT.npz'):
+    evaluate.run_evaluate(config, workdir)
+  assert not os.path.exists(os.path.join(workdir, evaluate.EVAL_DIR, 'classifier', 'classifier.npz'))
+
+
+def test_weak_classifier_warning():
+  assert 'weak quality signal' in evaluate.weak_classifier_warning(0.5)
+  assert '0.500' in evaluate.weak_classifier_warning(0.5)
+  assert evaluate.weak_classifier_warning(0.95) is None and evaluate.weak_classifier_warning(None) is None

@@ -11,6 +11,7 @@ import pytest
 
 from sferd_jax import config as config_lib
 from sferd_jax.evaluation import fitting_error
+from sferd_jax.sferd import attention_guidance
 from sferd_jax.training import checkpointing
 import tiny
 
@@ -77,6 +78,28 @@ def test_mass_maps_of_one_hot_attention():
     fitting_error.attention_mass_maps(np.zeros((1, 1, 6, 6)), 8)
 
 
+def test_one_attention_mass_for_the_maps_and_the_risky_mask():
+  rng = np.random.default_rng(2)
+  logits = rng.normal(size=(2, 3, 16, 16)) * 3
+  probs = (np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)).astype(np.float32)
+  mass = np.asarray(attention_guidance.attention_mass(probs))
+  np.testing.assert_allclose(mass, probs.mean(axis=1).sum(axis=1), rtol=1e-6)
+  np.testing.assert_allclose(mass.mean(axis=1), 1.0, rtol=1e-6)  # T_query / T_key for self-attention
+  maps = np.asarray(fitting_error.attention_mass_maps(probs, 8))
+  np.testing.assert_array_equal(maps, np.repeat(np.repeat(mass.reshape(2, 4, 4), 2, axis=1), 2, axis=2))
+  # The risky mask is the mass map above its threshold, pixel for pixel.
+  for threshold in (0.8, 1.0, 1.3):
+    mask = np.asarray(attention_guidance.risky_mask(probs, image_hw=8, threshold=threshold))[..., 0]
+    np.testing.assert_array_equal(mask, (maps > threshold).astype(np.float32))
+  with pytest.raises(AssertionError):
+    attention_guidance.attention_mass(probs[0])
+
+
+def test_maps_plot_names_are_unique_per_level():
+  names = [fitting_error.maps_plot_name(i, t) for i, t in enumerate((0.301, 0.304, 0.5, 0.5))]
+  assert len(set(names)) == 4 and names[0] == 'maps_0_t0.301.png'
+
+
 def _copy_exports(src, dst):
   """The run's exported models without its checkpoints: a workdir of our own to write analyze/ into."""
   shutil.copytree(src, dst, ignore=shutil.ignore_patterns('checkpoints'))
@@ -108,15 +131,19 @@ def test_run_analysis_writes_plots_and_summary(tiny_run, tmp_path):
   for name in summary['plots']:
     with open(os.path.join(out, name), 'rb') as f:
       assert f.read(8) == b'\x89PNG\r\n\x1a\n'
-  assert set(summary['plots']) == {'bias_variance.png', 'correlation.png', 'maps_t0.30.png', 'maps_t0.70.png'}
+  assert set(summary['plots']) == {'bias_variance.png', 'correlation.png', 'maps_0_t0.3.png', 'maps_1_t0.7.png'}
   with np.load(os.path.join(out, 'maps.npz')) as maps:
     assert maps['variance_t1'].shape == (5, 8, 8) and maps['mass_t0/mid_attn'].shape == (5, 8, 8)
     assert np.isfinite(maps['bias_t0']).all()
 
-  # The same analysis of a named model (the teacher), by a path relative to the workdir.
+  # The same analysis of a named model (the teacher), by a path relative to the workdir; two levels that print
+  # alike at 2 decimals get a figure each.
   config = tiny.load_config(**{'analyze.model': 'teacher', 'analyze.num_images': 2, 'analyze.num_noises': 2,
-                               'analyze.times': (0.5,)})
-  assert fitting_error.run_analysis(config, workdir)['model'].endswith(os.path.join('teacher', 'model'))
+                               'analyze.times': (0.501, 0.504)})
+  summary = fitting_error.run_analysis(config, workdir)
+  assert summary['model'].endswith(os.path.join('teacher', 'model'))
+  maps = [name for name in summary['plots'] if name.startswith('maps_')]
+  assert len(set(maps)) == 2 and all(os.path.exists(os.path.join(out, name)) for name in maps)
 
 
 def test_run_analysis_errors(tmp_path):

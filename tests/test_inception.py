@@ -41,15 +41,9 @@ def _random_npz(path, *, with_logits, seed=0):
   return arrays
 
 
-def test_param_tree_matches_the_export_naming(tmp_path):
-  shapes = inception.param_shapes(with_logits=True)
-  assert len(shapes) == 376 + 2  # 94 conv layers x (kernel, beta, mean, var), plus the output layer.
-  assert sum(int(np.prod(s)) for k, s in shapes.items() if not k.startswith('output/')) == 21_802_784
-  assert shapes['mixed_10/tower_mixed_conv/kernel'] == (1, 3, 384, 384)
-  assert shapes['mixed_4/tower_1/conv_1/kernel'] == (7, 1, 128, 128)
-  assert shapes['output/kernel'] == (2048, 1008)
-  # A torch-style state dict with the NVlabs / fid-helper names converts onto exactly these keys and shapes.
-  rng = np.random.default_rng(0)
+def _torch_state_dict(shapes, seed=0):
+  """A torch-style state dict with fid-helper's names (net.layers.*, output.*) for the given npz shapes."""
+  rng = np.random.default_rng(seed)
   state_dict = {}
   for name, shape in shapes.items():
     path, leaf = name.rsplit('/', 1)
@@ -58,6 +52,18 @@ def test_param_tree_matches_the_export_naming(tmp_path):
     if leaf == 'kernel':
       shape = (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else shape[::-1]
     state_dict[torch_name] = rng.normal(size=shape).astype(np.float32)
+  return state_dict
+
+
+def test_param_tree_matches_the_export_naming(tmp_path):
+  shapes = inception.param_shapes(with_logits=True)
+  assert len(shapes) == 376 + 2  # 94 conv layers x (kernel, beta, mean, var), plus the output layer.
+  assert sum(int(np.prod(s)) for k, s in shapes.items() if not k.startswith('output/')) == 21_802_784
+  assert shapes['mixed_10/tower_mixed_conv/kernel'] == (1, 3, 384, 384)
+  assert shapes['mixed_4/tower_1/conv_1/kernel'] == (7, 1, 128, 128)
+  assert shapes['output/kernel'] == (2048, 1008)
+  # A torch-style state dict with the NVlabs / fid-helper names converts onto exactly these keys and shapes.
+  state_dict = _torch_state_dict(shapes)
   converted = export_inception.convert_state_dict(state_dict)
   assert {k: v.shape for k, v in converted.items()} == shapes
   w = state_dict['net.layers.mixed_4.tower_1.conv_1.weight']  # (O, I, kh, kw)
@@ -69,6 +75,45 @@ def test_param_tree_matches_the_export_naming(tmp_path):
   init_shapes = jax.eval_shape(inception.InceptionV3(with_logits=True).init, jax.random.PRNGKey(0),
                                jax.ShapeDtypeStruct((1, 8, 8, 3), jnp.uint8))['params']
   assert jax.tree.structure(params) == jax.tree.structure(init_shapes)
+
+
+def test_export_of_a_wrong_file_exits_naming_the_tensors(tmp_path, monkeypatch, capsys):
+  """Unexpected, missing, clashing or misshapen tensors: a SystemExit that names them, never a traceback."""
+  good = _torch_state_dict(inception.param_shapes(with_logits=False))
+  src, out = str(tmp_path / 'src.pt'), str(tmp_path / 'out.npz')
+  with open(src, 'wb') as f:
+    f.write(b'read by the patched loader only')
+
+  def exit_message(state_dict):
+    monkeypatch.setattr(export_inception, 'load_torchscript_state_dict', lambda path: state_dict)
+    with pytest.raises(SystemExit) as e:
+      export_inception.main(['export_inception', src, out])
+    assert not os.path.exists(out)
+    return str(e.value.code)
+
+  message = exit_message({**good, 'net.transform_input.mean': np.zeros(3), 'layers': np.zeros(1)})
+  assert 'src.pt' in message and "'layers'" in message and 'net.transform_input.mean' in message
+  with pytest.raises(ValueError, match='net.transform_input.mean'):
+    export_inception.convert_state_dict({'net.transform_input.mean': np.zeros(3)})
+  wrong = dict(good, **{'net.layers.extra.conv.num_batches_tracked': np.zeros(())})
+  del wrong['net.layers.mixed_3.conv.beta']
+  wrong['net.layers.conv.weight'] = np.zeros((32, 3, 3, 2), np.float32)
+  message = exit_message(wrong)
+  assert "missing ['mixed_3/conv/beta']" in message and "unexpected ['extra/conv/num_batches_tracked']" in message
+  assert 'conv/kernel (3, 2, 3, 32) (want (3, 3, 3, 32))' in message
+  message = exit_message({**good, 'layers.conv.weight': good['net.layers.conv.weight']})
+  assert 'same name' in message and 'layers.conv.weight' in message
+  # Many wrong names: the first ten, then a count.
+  assert 'and 5 more' in exit_message({f'x.{i:02d}': np.zeros(1) for i in range(15)})
+  assert capsys.readouterr().out == ''
+
+
+def test_export_of_a_file_that_is_not_torchscript_exits(tmp_path):
+  pytest.importorskip('torch')
+  src = tmp_path / 'not_torchscript.pt'
+  src.write_bytes(b'plain bytes, no zip archive')
+  with pytest.raises(SystemExit, match='not_torchscript.pt.*not a TorchScript file'):
+    export_inception.export(str(src), str(tmp_path / 'out.npz'))
 
 
 def test_loader_errors_name_the_file_and_the_tool(tmp_path):

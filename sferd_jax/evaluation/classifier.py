@@ -3,7 +3,8 @@
 FID/KID/IS need a feature extractor; on 16x16 digits, offline, the TF Inception is both unavailable and
 meaningless (it sees 299x299 blurs). This net trains in seconds on the dataset itself and exposes the same
 feature-fn interface ({'pool', 'logits'}, see features.py), so metrics.py works unchanged with either.
-Numbers from it compare runs of this project on one dataset and one saved classifier, nothing else.
+Numbers from it compare runs of this project on one dataset and one saved classifier, nothing else. It needs
+labels of at least 2 classes (a ConfigError otherwise): unlabelled data are scored with the Inception.
 """
 
 import json
@@ -16,6 +17,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from sferd_jax import config as config_lib
 from sferd_jax.evaluation import features
 from sferd_jax.evaluation import metrics
 
@@ -50,12 +52,58 @@ def _check_images(images, labels=None):
   return images
 
 
+def untrainable_error(found):
+  """The ConfigError for data without 2 classes; `found` says what the data have."""
+  return config_lib.ConfigError(
+      f'the feature classifier needs labelled data of at least 2 classes, got {found}: its features would measure '
+      'nothing (with one class the loss is 0 whatever the weights). Use the Inception instead: make its weights '
+      'with `python -m sferd_jax.evaluation.export_inception SRC.pt OUT.npz` and pass '
+      '--config.evaluate.features=inception --config.evaluate.inception_weights=OUT.npz')
+
+
+def check_trainable(labels, num_classes=None):
+  """Refuses training data that are unlabelled or have fewer than 2 classes (a ConfigError naming the fix)."""
+  if labels is None:
+    raise untrainable_error('no labels')
+  present = len(np.unique(np.asarray(labels)))
+  if present < 2 or (num_classes is not None and num_classes < 2):
+    declared = '' if num_classes is None else f', num_classes={num_classes}'
+    raise untrainable_error(f'labels of {present} class(es){declared}')
+
+
+def make_train_step(model, tx, *, key, batch_size):
+  """-> step(params, opt_state, i, data_x, data_y) -> (params, opt_state): one optimizer step on batch i.
+
+  Batch i is a random draw of data (uint8 images, int labels), each shifted by up to 1 pixel (edge padding).
+  The data are arguments, not closed over: jitted, a closure would bake the whole training set into the
+  compiled program as constants (slow to compile, and held twice in memory).
+  """
+
+  def loss_fn(p, x, y):
+    logits = model.apply({'params': p}, x)['logits']
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  def step(params, opt_state, i, data_x, data_y):
+    k_idx, k_shift = jax.random.split(jax.random.fold_in(key, i))
+    idx = jax.random.randint(k_idx, (batch_size,), 0, data_x.shape[0])
+    x = jnp.pad(data_x[idx], ((0, 0), (1, 1), (1, 1), (0, 0)), mode='edge')
+    dy, dx = jax.random.randint(k_shift, (2,), 0, 3)
+    x = jax.lax.dynamic_slice(x, (0, dy, dx, 0), (batch_size,) + data_x.shape[1:])
+    grads = jax.grad(loss_fn)(params, x, data_y[idx])
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  return step
+
+
 def train_classifier(images, labels, *, num_classes=None, steps=300, batch_size=32, learning_rate=3e-3,
                      widths=(16, 32, 64), feature_dim=128, seed=0):
   """Trains on uint8 (N, H, W, C) images and int labels with Adam (cosine decay); returns (model, params).
 
-  Random shifts of up to 1 pixel (edge padding) augment the few images of small datasets.
+  Random shifts of up to 1 pixel (edge padding) augment the few images of small datasets. Unlabelled data or
+  fewer than 2 classes are a ConfigError (see check_trainable).
   """
+  check_trainable(labels, num_classes)
   images = _check_images(images, labels)
   labels = np.asarray(labels, np.int32)
   num_classes = int(num_classes or labels.max() + 1)
@@ -66,29 +114,12 @@ def train_classifier(images, labels, *, num_classes=None, steps=300, batch_size=
   params = jax.jit(model.init)(key, jnp.zeros((1,) + images.shape[1:], jnp.uint8))['params']
   tx = optax.adam(optax.cosine_decay_schedule(learning_rate, steps))
   opt_state = jax.jit(tx.init)(params)
+  step = jax.jit(make_train_step(model, tx, key=jax.random.fold_in(key, 1), batch_size=batch_size))
   data_x, data_y = jnp.asarray(images), jnp.asarray(labels)
-  h, w = images.shape[1:3]
-  base = jax.random.fold_in(key, 1)
-
-  def loss_fn(p, x, y):
-    logits = model.apply({'params': p}, x)['logits']
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-  @jax.jit
-  def step(p, s, i):
-    k_idx, k_shift = jax.random.split(jax.random.fold_in(base, i))
-    idx = jax.random.randint(k_idx, (batch_size,), 0, data_x.shape[0])
-    x = jnp.pad(data_x[idx], ((0, 0), (1, 1), (1, 1), (0, 0)), mode='edge')
-    dy, dx = jax.random.randint(k_shift, (2,), 0, 3)
-    x = jax.lax.dynamic_slice(x, (0, dy, dx, 0), (batch_size, h, w, x.shape[-1]))
-    grads = jax.grad(loss_fn)(p, x, data_y[idx])
-    updates, s = tx.update(grads, s, p)
-    return optax.apply_updates(p, updates), s
-
   # A Python loop of jitted steps: XLA:CPU runs backward convolutions inside a scan/while body ~30x slower
   # (jax 0.10), and at this size per-step dispatch costs little.
   for i in range(steps):
-    params, opt_state = step(params, opt_state, i)
+    params, opt_state = step(params, opt_state, i, data_x, data_y)
   return model, jax.device_get(params)
 
 

@@ -5,7 +5,15 @@
 Every (model, step count, guidance on/off, semantic predictor on/off) is a variant. A variant's samples are drawn in
 rounds of `round_size`; round r uses a key that depends only on (config.seed, variant name, r) and is saved
 atomically, with its features beside it. A rerun skips every round whose file exists, so an interrupted evaluation
-resumes at the first missing round and ends with the numbers of an uninterrupted one.
+resumes at the first missing round and ends with the numbers of an uninterrupted one. In a multi-host run only
+process 0 samples and writes; the other processes return at once with no rows.
+
+Reference statistics: by default those of min(len(config.data), num_samples) images of config.data (a seeded
+subset of larger datasets), cached with their features, so FID, KID and IS are all computed. Or the file of
+config.evaluate.reference_stats, holding as many images as it was made from: one made by this extractor, or,
+for features=inception, published statistics with only mu and sigma (EDM's, clean-fid's; often of the whole
+training set). Without reference features KID is not computed: it is reported as '-' (None in results.json), with
+a warning; FID and IS are.
 
 Layout of <workdir>/evaluate/:
   classifier/classifier.npz, info.json   the small classifier (features='classifier'), trained once per run
@@ -13,7 +21,7 @@ Layout of <workdir>/evaluate/:
   <variant>/meta.json                    what the rounds were drawn with; rounds of other settings are refused
   <variant>/round_<r>.npz                uint8 samples ('images', (n, H, W, C))
   <variant>/round_<r>.features.npz       their features ('pool'[, 'logits']) and the extractor's name
-  <variant>/samples.png                  a grid of the first samples
+  <variant>/samples.png                  a grid of the first samples (skipped if round 0's samples were deleted)
   results.json, results.md               one row per (variant, num_samples, extractor), rewritten after each variant
 """
 
@@ -33,6 +41,7 @@ from sferd_jax import data as data_lib
 from sferd_jax import images as images_lib
 from sferd_jax import sampling
 from sferd_jax.evaluation import classifier as classifier_lib
+from sferd_jax.evaluation import inception
 from sferd_jax.evaluation import metrics
 from sferd_jax.training import checkpointing
 from sferd_jax.training import loop
@@ -47,6 +56,8 @@ _EVAL_SEED_TAG = 0x65766131
 # The classifier holds its training images in device memory: a seeded subset of larger datasets is enough.
 CLASSIFIER_MAX_IMAGES = 60000
 CLASSIFIER_HELD_OUT = 0.1
+# Below this held-out accuracy the classifier's features say little about sample quality: warn.
+CLASSIFIER_MIN_ACCURACY = 0.9
 IS_SPLITS = 10
 GRID_SAMPLES = 64
 
@@ -129,6 +140,14 @@ def _classifier_dir(workdir):
   return os.path.join(workdir, EVAL_DIR, 'classifier')
 
 
+def weak_classifier_warning(accuracy):
+  """A warning for a classifier of low held-out accuracy, else None."""
+  if accuracy is None or accuracy >= CLASSIFIER_MIN_ACCURACY:
+    return None
+  return (f'the feature classifier reaches only {accuracy:.3f} held-out accuracy (< {CLASSIFIER_MIN_ACCURACY}): '
+          'its feature distances are a weak quality signal; prefer features=inception where weights are available')
+
+
 def classifier_feature_fn(config, workdir):
   """The run's classifier: loaded from <workdir>/evaluate/classifier/, or trained on config.data and saved there.
 
@@ -136,8 +155,11 @@ def classifier_feature_fn(config, workdir):
   """
   directory = _classifier_dir(workdir)
   path, info_path = os.path.join(directory, 'classifier.npz'), os.path.join(directory, 'info.json')
+  accuracy = None
   if not os.path.exists(path):
     source = data_lib.load_source(data_lib.data_config(config))
+    if source.num_classes < 2:  # Before reading up to CLASSIFIER_MAX_IMAGES images for nothing.
+      raise classifier_lib.untrainable_error(source.describe())
     indices = _subset(len(source), CLASSIFIER_MAX_IMAGES, config.seed)
     images, labels = source.read(indices, num_threads=16)
     held_out = max(1, int(len(indices) * CLASSIFIER_HELD_OUT))
@@ -157,20 +179,23 @@ def classifier_feature_fn(config, workdir):
                  accuracy, path)
   elif os.path.exists(info_path):
     with open(info_path) as f:
-      trained_on = dict(json.load(f)['data'], num_images=None)
+      info = json.load(f)
+    trained_on, accuracy = dict(info['data'], num_images=None), info.get('held_out_accuracy')
     wanted = dict(json.loads(_data_description(config, 0)), num_images=None)
     if trained_on != wanted:
       raise loop.IncompatibleRunError(
           f'{path} was trained on other data ({trained_on}) than config.data ({wanted}): its features would not '
           f'fit this dataset. Evaluate into another --workdir, or delete {directory} to train a new classifier '
           '(numbers from the old and the new one are not comparable).')
+  warning = weak_classifier_warning(accuracy)
+  if warning:
+    logging.warning('evaluate: %s', warning)
   model, params = classifier_lib.load_classifier(path)
   return classifier_lib.make_feature_fn(model, params)
 
 
 def inception_feature_fn(weights):
   """The FID Inception from an exported .npz; a missing or wrong file is a config error naming the fix."""
-  from sferd_jax.evaluation import inception  # pylint: disable=g-import-not-at-top
   try:
     params = inception.load_inception_params(weights)
   except (FileNotFoundError, ValueError) as e:
@@ -195,6 +220,11 @@ def feature_fn_for(config, workdir):
   if kind == 'classifier':
     return classifier_feature_fn(config, workdir)
   raise config_lib.ConfigError(f'config.evaluate.features: must be auto, inception or classifier, got {kind!r}')
+
+
+def is_inception(extractor):
+  """Whether a feature fn's extractor name is the FID Inception's (any weights fingerprint)."""
+  return extractor.startswith(inception.EXTRACTOR_NAME)
 
 
 def describe_extractor(extractor):
@@ -234,26 +264,46 @@ def _features_in(path):
     return data['features'].astype(np.float32) if 'features' in data.files else None
 
 
-def reference_for(config, workdir, feature_fn):
-  """config.evaluate.reference_stats, or the statistics of config.data, cached in the workdir.
+def _names_extractor(path):
+  """Whether an .npz (known to exist) says which extractor made it; published mu/sigma files do not."""
+  with np.load(path, allow_pickle=False) as data:
+    return 'extractor' in data.files
 
-  A given file must have been made by this extractor. The cache holds min(len(dataset), num_samples) images of
-  config.data (a seeded subset of larger datasets) and is recomputed when the data or the image count change.
+
+def given_reference(path, extractor):
+  """config.evaluate.reference_stats: a file made by this extractor or, for the Inception, a published one.
+
+  Published statistics (mu and sigma only, no extractor name) are accepted for the Inception alone: the
+  classifier's features exist only in this run. They hold no features, so KID is not computed.
+  """
+  try:
+    published = is_inception(extractor) and os.path.isfile(path) and not _names_extractor(path)
+    stats = metrics.load_reference_stats(path, extractor=None if published else extractor)
+    features = _features_in(path)
+  except FileNotFoundError as e:
+    raise config_lib.ConfigError(
+        f'config.evaluate.reference_stats: {e}; or set it to None to compute them from config.data') from None
+  except (ValueError, OSError) as e:
+    hint = '' if is_inception(extractor) else ' (published mu/sigma files fit features=inception only)'
+    raise config_lib.ConfigError(f'config.evaluate.reference_stats: {e}{hint}') from None
+  if published:
+    logging.warning('evaluate: %s names no feature extractor: taken as published statistics of the TF-2015 FID '
+                    'Inception (EDM, clean-fid legacy_tensorflow); FID is meaningless if they are not', path)
+  if features is None:
+    logging.warning('evaluate: %s holds no reference features: KID is not computed (reported as "-"); FID and IS '
+                    'are. Set config.evaluate.reference_stats=None to compute all three from config.data', path)
+  return Reference(stats, features, os.path.abspath(path))
+
+
+def reference_for(config, workdir, feature_fn):
+  """config.evaluate.reference_stats (see given_reference), or the statistics of config.data, cached in the workdir.
+
+  The cache holds min(len(dataset), num_samples) images of config.data (a seeded subset of larger datasets) and
+  is recomputed when the data or the image count change.
   """
   extractor = feature_fn.extractor
-  given = config.evaluate.reference_stats
-  if given:
-    try:
-      stats = metrics.load_reference_stats(given, extractor=extractor)
-    except FileNotFoundError as e:
-      raise config_lib.ConfigError(
-          f'config.evaluate.reference_stats: {e}; or set it to None to compute them from config.data') from None
-    except ValueError as e:
-      raise config_lib.ConfigError(f'config.evaluate.reference_stats: {e}') from None
-    features = _features_in(given)
-    if features is None:
-      logging.warning('evaluate: %s holds no reference features: KID is not computed', given)
-    return Reference(stats, features, os.path.abspath(given))
+  if config.evaluate.reference_stats:
+    return given_reference(config.evaluate.reference_stats, extractor)
 
   path = reference_path(workdir, extractor)
   source = data_lib.load_source(data_lib.data_config(config))
@@ -413,6 +463,18 @@ def draw_round(model, config, variant, round_index, n):
   return np.asarray(images)[:n]
 
 
+def write_grid(directory, first_round_size):
+  """<variant>/samples.png from round 0's samples, unless it exists or they are gone (only features kept)."""
+  grid = os.path.join(directory, 'samples.png')
+  if os.path.exists(grid):
+    return
+  images = _cached_images(round_path(directory, 0), first_round_size)
+  if images is None:
+    logging.info('evaluate: no samples of round 0 in %s (features only): no samples.png', directory)
+    return
+  images_lib.save_grid(grid, images[:GRID_SAMPLES])
+
+
 def variant_features(model, config, variant, directory, feature_fn, *, log_prefix=''):
   """Features of all num_samples samples of a variant, drawing (and saving) only the rounds not on disk."""
   sizes = round_sizes(config.evaluate.num_samples, config.evaluate.round_size)
@@ -436,9 +498,7 @@ def variant_features(model, config, variant, directory, feature_fn, *, log_prefi
       features = extract(feature_fn, images)
       save_npz_atomic(feature_path, extractor=np.str_(feature_fn.extractor), **features)
     parts.append(features)
-  grid = os.path.join(directory, 'samples.png')
-  if not os.path.exists(grid):
-    images_lib.save_grid(grid, _cached_images(round_path(directory, 0), sizes[0])[:GRID_SAMPLES])
+  write_grid(directory, sizes[0])
   return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
@@ -449,6 +509,11 @@ def variant_features(model, config, variant, directory, feature_fn, *, log_prefi
 def compute_metrics(features, reference, *, kid_subsets, kid_subset_size, seed):
   """FID (against the reference statistics), KID (against the reference features) and IS (from logits)."""
   pool = features['pool']
+  if reference.stats.mu.shape != pool.shape[1:]:
+    raise config_lib.ConfigError(
+        f'the reference statistics {reference.source} are {reference.stats.mu.shape[0]}-d but the features are '
+        f'{pool.shape[1]}-d: they come from another network. Fix config.evaluate.reference_stats (None = compute '
+        'them from config.data)')
   fid = metrics.frechet_distance(*metrics.feature_statistics(pool), reference.stats.mu, reference.stats.sigma)
   kid_mean = kid_std = is_mean = is_std = None
   if reference.features is not None:
@@ -487,7 +552,8 @@ def results_table(rows):
     lines.append(f"| {r['model']} | {r['stage'] or 'teacher'} | {r['num_steps']} | {'on' if r['guidance'] else 'off'} "
                  f"| {'on' if r['semantic'] else 'off'} | {r['num_samples']} | {_fmt(r['fid'], '.3f')} | {kid} | "
                  f"{is_} | {kind} |")
-  lines += ['', 'Features:']
+  lines += ['', 'KID is the unbiased MMD^2 itself (not scaled by 1e3), mean ± std over subsets; '
+            "'-': not computed (reference statistics without features, or no logits for IS).", '', 'Features:']
   lines += [f'- {describe_extractor(e)}' for e in dict.fromkeys(r['extractor'] for r in rows)]
   return '\n'.join(lines) + '\n'
 
@@ -528,7 +594,8 @@ def run_evaluate(config, workdir, *, mesh=None):
   extractor = feature_fn.extractor
   logging.info('evaluate: features from %s', describe_extractor(extractor))
   reference = reference_for(config, workdir, feature_fn)
-  logging.info('evaluate: reference %s (%d images)', reference.source, reference.stats.num_images)
+  count = reference.stats.num_images if reference.stats.num_images >= 0 else 'an unknown number of'
+  logging.info('evaluate: reference %s (%s images)', reference.source, count)
   rows = []
   for m, path in enumerate(paths):
     model = sampling.load(path)

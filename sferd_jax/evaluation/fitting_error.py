@@ -12,7 +12,8 @@ Pearson correlation between the variance map and the block's mass map over the p
 over images; `correlation_pooled` correlates all pixels of all images at once (it also sees differences between
 images). The paper reports the strongest correlation at the 32x32 map of a 64x64 model.
 
-Writes <workdir>/analyze/: summary.json, bias_variance.png, correlation.png, maps_t<t>.png per level, maps.npz.
+Writes <workdir>/analyze/: summary.json, bias_variance.png, correlation.png, maps_<i>_t<t>.png per level (i: its
+index in config.analyze.times), maps.npz.
 """
 
 import json
@@ -34,6 +35,7 @@ from sferd_jax.diffusion import process
 from sferd_jax.diffusion import schedules
 from sferd_jax.models import denoiser
 from sferd_jax.models import unet
+from sferd_jax.sferd import attention_guidance
 
 ANALYZE_DIR = 'analyze'
 EXAMPLE_IMAGES = 8  # columns of the maps figures
@@ -65,8 +67,8 @@ def bias_variance(x0, x_hats):
 def attention_mass_maps(probs, image_hw):
   """(B, heads, T_query, T_key) attention over a square grid -> (B, H, W) mass maps, nearest-upsampled.
 
-  The mass of a key is the attention it draws: mean over heads, sum over queries (as the guidance's risky mask,
-  before its threshold; its mean over keys is T_query / T_key = 1 for self-attention). Works under jit.
+  The mass of a key is attention_guidance.attention_mass: the guidance's risky mask before its threshold.
+  Works under jit.
   """
   chex.assert_rank(probs, 4)
   batch, _, _, num_keys = probs.shape
@@ -74,7 +76,7 @@ def attention_mass_maps(probs, image_hw):
   height, width = (image_hw, image_hw) if isinstance(image_hw, int) else tuple(image_hw)
   if side * side != num_keys or height % side or width % side:
     raise ValueError(f'{num_keys} keys are not a square grid that divides the {height}x{width} image')
-  mass = jnp.asarray(probs, jnp.float32).mean(axis=1).sum(axis=1).reshape(batch, side, side)
+  mass = attention_guidance.attention_mass(probs).reshape(batch, side, side)
   return jnp.repeat(jnp.repeat(mass, height // side, axis=1), width // side, axis=2)
 
 
@@ -224,6 +226,11 @@ def plot_maps(path, *, x0, x_mean, bv, mass, block, t, correlation):
 # The analyze mode.
 
 
+def maps_plot_name(index, t):
+  """The maps figure of level `index`: the index keeps names unique where two t print alike."""
+  return f'maps_{index}_t{t:g}.png'
+
+
 def _load_model(config, workdir):
   """config.analyze.model as sample.model: a path in the workdir or anywhere; None = the workdir's last model."""
   return sampling.load(sampling.in_workdir(config.analyze.model, workdir))
@@ -275,7 +282,7 @@ def run_analysis(config, workdir):
     bv, stats = level_statistics(x0, x_hats, masses)
     level = dict(t=float(t), logsnr=logsnr, **stats)
     levels.append(level)
-    name = f'maps_t{t:.2f}.png'
+    name = maps_plot_name(i, t)
     best = stats['best_block']
     plot_maps(os.path.join(out_dir, name), x0=x0, x_mean=x_hats.mean(axis=0), bv=bv,
               mass=masses.get(best), block=best, t=t, correlation=stats['correlation'].get(best, float('nan')))

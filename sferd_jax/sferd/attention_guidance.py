@@ -35,6 +35,16 @@ def _grid_side(num_tokens):
   return side
 
 
+def attention_mass(probs):
+  """(B, heads, T_query, T_key) attention probabilities -> (B, T_key): the attention each key draws.
+
+  Mean over heads first, then the sum over queries, in the official code's order. Each query row sums to 1, so
+  the mean mass over keys is T_query / T_key (1 for self-attention). float32; works under jit.
+  """
+  chex.assert_rank(probs, 4)
+  return jnp.asarray(probs, jnp.float32).mean(axis=1).sum(axis=1)
+
+
 def risky_mask(attention_probs, *, image_hw: Union[int, Sequence[int]], threshold=1.0):
   """The binary mask (B, H, W, 1) of pixels whose key token draws more than `threshold` attention.
 
@@ -54,9 +64,7 @@ def risky_mask(attention_probs, *, image_hw: Union[int, Sequence[int]], threshol
   height, width = (image_hw, image_hw) if isinstance(image_hw, int) else tuple(image_hw)
   if height % side or width % side:
     raise ValueError(f'image {height}x{width} is not a multiple of the {side}x{side} attention grid')
-  # Mean over heads first, then the sum over queries, in the official code's order.
-  mass = attention_probs.astype(jnp.float32).mean(axis=1).sum(axis=1)
-  mask = (mass > threshold).astype(jnp.float32).reshape(batch, side, side)
+  mask = (attention_mass(attention_probs) > threshold).astype(jnp.float32).reshape(batch, side, side)
   # Nearest-neighbour upsampling by an integer factor (F.interpolate's default) is an exact repeat.
   mask = jnp.repeat(jnp.repeat(mask, height // side, axis=1), width // side, axis=2)
   return mask[..., None]
