@@ -168,7 +168,7 @@ def base_config():
   )
 
   config.sample = dict(
-      model=_optional(str),  # exported model dir, or a path inside the workdir ('teacher', 'distill/stage_3'); None = last
+      model=_optional(str),  # exported model dir, or a path in the workdir ('teacher', 'distill/stage_3'); None = last
       num_samples=64,
       num_steps=_optional(int),  # None = the model's own step count
       sampler='ddim',        # ddim | ancestral
@@ -210,6 +210,10 @@ def _validate_training(config, section):
   for key in ('steps_per_call', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
     if cfg[key] < 1:
       _fail(f'{section}.{key}', f'must be >= 1, got {cfg[key]}')
+  if cfg.train_steps % cfg.steps_per_call:
+    _fail(f'{section}.steps_per_call', f'must divide train_steps={cfg.train_steps} (each call runs steps_per_call '
+                                       f'steps), got {cfg.steps_per_call}; e.g. steps_per_call='
+                                       f'{math.gcd(cfg.train_steps, cfg.steps_per_call)}')
 
 
 def validate(config):

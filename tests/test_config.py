@@ -9,7 +9,8 @@ import pytest
 from sferd_jax import config as config_lib
 import tiny
 
-CONFIGS = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(tiny.ROOT, 'configs', '*.py')))
+CONFIGS = sorted(os.path.splitext(os.path.basename(p))[0]
+                 for p in glob.glob(os.path.join(tiny.ROOT, 'configs', '*.py')))
 
 
 def _leaves(config, prefix=''):
@@ -47,6 +48,7 @@ def test_validation_names_the_key_and_the_fix():
   for overrides, message in (
       ({'teacher.optimizer.weight_decay': 0.1}, "name='adamw'"),
       ({'teacher.loss': 'l1'}, 'config.teacher.loss'),
+      ({'distill.steps_per_call': 3}, r'config.distill.steps_per_call: must divide train_steps=2 .* steps_per_call=1'),
       ({'phases': ('teacher', 'finetune')}, "unknown phase 'finetune'"),
       ({'sample.sampler': 'euler'}, 'config.sample.sampler'),
       ({'data.name': 'npz'}, 'config.data.path'),

@@ -78,6 +78,21 @@ def _cost_flops(lowered):
   return float(flops) if flops and flops > 0 else None
 
 
+def _read_metrics(path):
+  """(step, line) of each record in metrics.jsonl. A line that does not parse (one a kill cut short) is skipped
+  with a warning: losing a log line must not stop a resume."""
+  records = []
+  with open(path) as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        records.append((int(json.loads(line)['step']), line.rstrip('\n') + '\n'))
+      except (ValueError, KeyError, TypeError):
+        logging.warning('%s: skipping unreadable line %d: %.80r', path, number, line)
+  return records
+
+
 class MetricsLog:
   """metrics.jsonl in the phase folder; a resumed run drops what came after its checkpoint."""
 
@@ -88,10 +103,11 @@ class MetricsLog:
       return
     kept = []
     if os.path.exists(self.path):
-      with open(self.path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)['step'] <= resume_step]
-    with open(self.path, 'w') as f:
+      kept = [line for step, line in _read_metrics(self.path) if step <= resume_step]
+    tmp = self.path + '.tmp'  # replaced in one step: a kill now leaves the old log or the new one
+    with open(tmp, 'w') as f:
       f.writelines(kept)
+    os.replace(tmp, self.path)
 
   def write(self, record):
     if self.path:
@@ -145,18 +161,52 @@ def _call_flops(jitted, lowered, args):
   return flops * num_steps if flops else None
 
 
+def _check_steps_per_call(phase, latest=None):
+  """The loop strides from the checkpoint's step (latest) by steps_per_call and must land on train_steps exactly."""
+  cfg = phase.train_config
+  if cfg.train_steps % cfg.steps_per_call:
+    raise config_lib.ConfigError(
+        f'{phase.name}: steps_per_call={cfg.steps_per_call} does not divide train_steps={cfg.train_steps}; set '
+        f'steps_per_call to a divisor of it, e.g. {math.gcd(cfg.train_steps, cfg.steps_per_call)}')
+  if latest is not None and latest < cfg.train_steps and latest % cfg.steps_per_call:
+    raise config_lib.ConfigError(
+        f'{phase.name}: the checkpoint in {phase.directory} is at step {latest}; steps_per_call='
+        f'{cfg.steps_per_call} does not divide it, so the run would not end at train_steps={cfg.train_steps}. '
+        f'Resume with steps_per_call={math.gcd(latest, cfg.train_steps)} (or another divisor of both {latest} '
+        f'and {cfg.train_steps}).')
+
+
+def _write_grid(phase, state, step):
+  if phase.sample_fn is not None and jax.process_index() == 0:
+    grid_path = os.path.join(phase.directory, 'samples', f'step_{step:08d}.png')
+    images_lib.save_grid(grid_path, phase.sample_fn(sharding.host_local(state.export_params)))
+    logging.info('%s: wrote %s', phase.name, grid_path)
+
+
+def _finish(phase, state, summary):
+  """The final grid and summary.json, written after the last checkpoint (which holds the summary)."""
+  grid_path = os.path.join(phase.directory, 'samples', f'step_{phase.train_config.train_steps:08d}.png')
+  if not os.path.exists(grid_path):  # a skipped phase writes only what a kill left unwritten
+    _write_grid(phase, state, phase.train_config.train_steps)
+  if jax.process_index() == 0:
+    tmp = os.path.join(phase.directory, 'summary.json.tmp')
+    with open(tmp, 'w') as f:
+      json.dump(summary, f, indent=2)
+    os.replace(tmp, os.path.join(phase.directory, 'summary.json'))
+
+
 def run_phase(phase, *, batches, mesh, rng):
   """Trains phase to train_config.train_steps, resuming if it can. Returns (final state, summary dict)."""
   cfg = phase.train_config
   per_call = cfg.steps_per_call
-  if cfg.train_steps % per_call:
-    raise ValueError(f'{phase.name}: train_steps={cfg.train_steps} must be a multiple of steps_per_call={per_call}')
-  sharding.check_batch_size(cfg.batch_size, mesh)
+  _check_steps_per_call(phase)
+  sharding.check_batch_size(cfg.batch_size, mesh, what=f'{phase.name}: batch_size')
   os.makedirs(phase.directory, exist_ok=True)
   ckpts = checkpointing.PhaseCheckpoints(phase.directory, keep=cfg.keep_checkpoints)
   latest = ckpts.latest_step()
   if latest is not None:
     _check_meta(phase, ckpts.restore_meta(latest))  # before any compilation: a refused resume fails at once
+  _check_steps_per_call(phase, latest)
   state = jax.jit(phase.init_state, out_shardings=sharding.replicated(mesh))(
       *sharding.put_replicated(tuple(phase.init_args), mesh))
   elapsed_before, saved_meta = 0.0, {}
@@ -171,6 +221,7 @@ def run_phase(phase, *, batches, mesh, rng):
       raise IncompatibleRunError(f'{phase.name}: {phase.directory} holds a run at step {start_step}, past '
                                  f'train_steps={cfg.train_steps}. Raise train_steps, or use a new --workdir.')
     logging.info('%s: already trained (%d steps); skipping', phase.name, start_step)
+    _finish(phase, state, saved_meta['summary'])  # a kill after the last checkpoint may have left them unwritten
     return state, saved_meta['summary']
 
   extra = sharding.put_replicated(phase.extra_args, mesh)
@@ -185,7 +236,7 @@ def run_phase(phase, *, batches, mesh, rng):
   images_per_call = cfg.batch_size * per_call
   timer_start, timer_images = time.perf_counter(), 0
   run_start = time.perf_counter()
-  last_record, batch = None, first
+  last_record, batch, summary = None, first, None
 
   def record_of(step, metrics):
     values = {k: float(np.mean(v)) for k, v in jax.device_get(metrics).items()}
@@ -203,17 +254,12 @@ def run_phase(phase, *, batches, mesh, rng):
                 gflop_per_step=flops / per_call / 1e9 if flops else None)
 
   def save(step):
+    nonlocal summary
     meta = {'config': config_lib.to_json(phase.meta), 'phase': phase.name, 'step': step,
             'elapsed_s': elapsed_before + time.perf_counter() - run_start}
     if step == cfg.train_steps:  # the finished phase's summary travels with its last checkpoint
-      meta['summary'] = summarize()
+      meta['summary'] = summary = summarize()
     ckpts.save(step, state, meta)
-
-  def write_grid(step):
-    if phase.sample_fn is not None and jax.process_index() == 0:
-      grid_path = os.path.join(phase.directory, 'samples', f'step_{step:08d}.png')
-      images_lib.save_grid(grid_path, phase.sample_fn(sharding.host_local(state.export_params)))
-      logging.info('%s: wrote %s', phase.name, grid_path)
 
   try:
     for step in range(start_step + per_call, cfg.train_steps + 1, per_call):
@@ -240,15 +286,15 @@ def run_phase(phase, *, batches, mesh, rng):
       if save_now:
         save(step)
       if cfg.sample_every and step % cfg.sample_every < per_call and step < cfg.train_steps:
-        write_grid(step)
+        _write_grid(phase, state, step)
         timer_start, timer_images = time.perf_counter(), 0  # images/s measures training, not the grid
   finally:
     data.close()
     ckpts.wait()
     ckpts.close()
-  write_grid(cfg.train_steps)
-  summary = summarize()
-  if jax.process_index() == 0:
-    with open(os.path.join(phase.directory, 'summary.json'), 'w') as f:
-      json.dump(summary, f, indent=2)
+  if summary is None:  # the step at train_steps always checkpoints, with its record; _check_steps_per_call keeps
+    # the loop landing on it, so this is a bug, stated rather than a KeyError on a missing record
+    raise RuntimeError(f'{phase.name}: the loop from step {start_step} in strides of {per_call} never reached '
+                       f'train_steps={cfg.train_steps}')
+  _finish(phase, state, summary)  # the summary saved with the last checkpoint: a rerun writes the same one
   return state, summary
