@@ -300,8 +300,10 @@ class Sampler:
     data = sharding.batch_sharding(mesh, leading_axes=0)
     z = jax.device_put(sampling.initial_noise(jax.random.key(3), num_samples=batch_size, shape=shape), data)
     labels = jax.device_put(np.zeros((batch_size,), np.int32), data)
+    code_keys = jax.device_put(sampling.sample_keys(jax.random.key(5), num_samples=batch_size), data) \
+        if semantic else None  # one key per sample for its code z_sem
     args = (sharding.put_replicated(params, mesh), z, labels) + tuple(
-        sharding.put_replicated((jax.random.key(4), jnp.int32(num_steps), semantic_params), mesh))
+        sharding.put_replicated((jax.random.key(4), jnp.int32(num_steps), semantic_params), mesh)) + (code_keys,)
     name = f'{num_steps}-step sampler' + (' with the semantic predictor' if semantic else '')
     log(f'{name}: compiling')
     start = time.perf_counter()

@@ -47,6 +47,9 @@ def _user_errors():
 
 
 def _save_config(config, workdir):
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() != 0:  # one writer; the others would race on the same file
+    return
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, f'config_{_MODE.value}.json'), 'w') as f:
     json.dump(config.to_dict(), f, indent=2, default=list)
@@ -72,11 +75,11 @@ def main(argv):
       raise config_lib.ConfigError(f'--workdir={workdir}: use a local or shared POSIX folder (a mounted bucket '
                                    f'works); sferd_jax writes its run folder with ordinary file operations')
     config_lib.validate(config)
+    sharding.initialize_distributed()  # before anything asks for devices or the process index
     try:
       _save_config(config, workdir)
     except OSError as e:
       raise config_lib.ConfigError(f'--workdir={workdir} is not writable ({e}); choose another folder') from None
-    sharding.initialize_distributed()
     modes = {
         'pipeline': pipeline.run_pipeline,
         'train_teacher': pipeline.run_teacher,

@@ -76,38 +76,45 @@ def _sampler(model_json, diffusion_json, guidance_json, semantic_json, sampler, 
   mesh = sharding.make_mesh(jax.local_devices()[:num_devices])  # this process's devices only
   rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh, leading_axes=0)
 
-  def run(params, z, labels, rng, num_steps, semantic_params):
+  def run(params, z, labels, rng, num_steps, semantic_params, code_keys):
     labels = denoiser.labels_or_none(model_config, labels)
     if semantic_config is None:
       denoise = make_denoise(params, labels)
     else:
       denoise = _shifted_denoise(model_config, diffusion_config, semantic_config, params, semantic_params, labels,
-                                 batch=z.shape[0], rng=jax.random.fold_in(rng, 1))
+                                 code_keys=code_keys)
     return samplers.sample_loop(denoise_fn=denoise, z_init=z, num_steps=num_steps, rng=rng, sampler=sampler,
                                 clip_x=clip_x, **diffusion_config)
 
-  return jax.jit(run, in_shardings=(rep, data, data, rep, rep, rep), out_shardings=data), mesh
+  return jax.jit(run, in_shardings=(rep, data, data, rep, rep, rep, data), out_shardings=data), mesh
 
 
-def _shifted_denoise(model_config, diffusion_config, semantic_config, params, semantic_params, labels, *, batch, rng):
+def _shifted_denoise(model_config, diffusion_config, semantic_config, params, semantic_params, labels, *, code_keys):
   """The student shifted by its gradient predictor, with a code z_sem per sample drawn from the latent model.
 
   semantic_params: {'predictor': G_tau, 'latent': the latent denoiser, 'stats': {'mean', 'std'}}.
+  code_keys: one key per sample; each code is drawn from its own key alone, so it does not depend on the batch.
   """
   latent_config = semantic_config['latent']
-  z_sem = latent.sample_latents(
-      semantic_params['latent'], rng, model=latent.make_latent_model(latent_config), num_samples=batch,
-      dim=semantic_config['semantic']['latent_dim'], num_steps=latent_config['num_steps'],
-      stats=latent.LatentStats(**semantic_params['stats']), **diffusion_config)
+  model = latent.make_latent_model(latent_config)
+  z_sem = jax.vmap(lambda key: latent.sample_latents(
+      semantic_params['latent'], key, model=model, num_samples=1, dim=semantic_config['semantic']['latent_dim'],
+      num_steps=latent_config['num_steps'], stats=latent.LatentStats(**semantic_params['stats']),
+      **diffusion_config)[0])(code_keys)
   _, predictor = semantic.make_semantic_models(model_config, semantic_config['semantic'])
   return semantic.shifted_denoise_fn(student=unet.make_unet(model_config), student_params=params,
                                      output_type=model_config.output_type, predictor=predictor,
                                      predictor_params=semantic_params['predictor'], z_sem=z_sem, labels=labels)
 
 
+def sample_keys(rng, *, num_samples, first_index=0):
+  """Keys of samples first_index..first_index+num_samples-1: sample i's key is fold_in(rng, i)."""
+  return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(first_index, first_index + num_samples))
+
+
 def initial_noise(rng, *, num_samples, shape, first_index=0):
   """z_1 for samples first_index..first_index+num_samples-1: sample i's noise depends on (rng, i) only."""
-  keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(first_index, first_index + num_samples))
+  keys = sample_keys(rng, num_samples=num_samples, first_index=first_index)
   return jax.vmap(lambda k: jax.random.normal(k, shape))(keys)
 
 
@@ -115,9 +122,11 @@ def sample(params, rng, *, model_config, num_samples, num_steps, labels=None, sa
            diffusion_config=None, guidance=None, semantic=None, batch_size=256):
   """Draws num_samples images with num_steps steps: uint8 (N, H, W, C).
 
-  Deterministic for a given rng. Sample i starts from noise that depends only on (rng, i), so the first k images
-  do not change with num_samples or batch_size (with the DDIM sampler). Class-conditional models draw uniform
-  labels from rng unless `labels` (N,) is given. Batches are sharded over all local devices.
+  Deterministic for a given rng. Sample i starts from noise, and with the semantic predictor draws its code z_sem,
+  from keys that depend only on (rng, i), so with the DDIM sampler the first k images do not change with
+  num_samples or batch_size. Class-conditional models draw uniform labels from rng for all num_samples at once
+  (so there the first k images stay fixed only when `labels` (N,) is given). Batches are sharded over this
+  process's devices; params may be global (replicated) arrays of a multi-host job: this process's copy is used.
   guidance: an attention-guidance section (config.sferd.attention_guidance) to sample with the attention-guided
   model (self-attention-guided DDIM), or None.
   semantic: a SemanticPredictor (Model.semantic) to shift the student's x prediction by its semantic gradient
@@ -128,6 +137,7 @@ def sample(params, rng, *, model_config, num_samples, num_steps, labels=None, sa
   model_config = ml_collections.ConfigDict(model_config) if not isinstance(model_config,
                                                                            ml_collections.ConfigDict) else model_config
   noise_rng, label_rng, loop_rng = jax.random.split(rng, 3)
+  code_rng = jax.random.fold_in(rng, 3)  # a fourth stream; fold_in(rng, i < 3) would repeat split's keys
   if labels is None:
     labels = jax.random.randint(label_rng, (num_samples,), 0, max(model_config.num_classes, 1))
   labels = np.asarray(labels, np.int32)
@@ -142,19 +152,21 @@ def sample(params, rng, *, model_config, num_samples, num_steps, labels=None, sa
                        _frozen(guidance) if guidance is not None else 'null',
                        _frozen(semantic.config) if semantic is not None else 'null',
                        sampler, bool(clip_x), num_devices)
-  semantic_params = None if semantic is None else sharding.put_replicated(
-      {'predictor': semantic.params['predictor'], 'latent': semantic.latent_params, 'stats': semantic.stats}, mesh)
+  semantic_params = None if semantic is None else sharding.put_replicated(sharding.host_local(
+      {'predictor': semantic.params['predictor'], 'latent': semantic.latent_params, 'stats': semantic.stats}), mesh)
   shape = (model_config.image_size, model_config.image_size, model_config.channels)
   batch_size = min(batch_size, num_samples)
   batch_size = -(-batch_size // num_devices) * num_devices  # a multiple of the device count
-  params = sharding.put_replicated(params, mesh)
+  params = sharding.put_replicated(sharding.host_local(params), mesh)  # global arrays would span other processes
   out = []
   for start in range(0, num_samples, batch_size):
     n = min(batch_size, num_samples - start)
     z = initial_noise(noise_rng, num_samples=batch_size, shape=shape, first_index=start)
+    code_keys = None if semantic is None else sample_keys(code_rng, num_samples=batch_size, first_index=start)
     batch_labels = np.zeros((batch_size,), np.int32)
     batch_labels[:n] = labels[start:start + n]
-    x = run(params, z, batch_labels, jax.random.fold_in(loop_rng, start), jnp.int32(num_steps), semantic_params)
+    x = run(params, z, batch_labels, jax.random.fold_in(loop_rng, start), jnp.int32(num_steps), semantic_params,
+            code_keys)
     out.append(images_lib.to_uint8(jax.device_get(x))[:n])
   return np.concatenate(out)
 
@@ -199,15 +211,15 @@ def abstract_params(model_config):
   return jax.eval_shape(lambda: unet.init_params(model, jax.random.key(0), model_config=model_config))
 
 
-def load_semantic_params(path, model_config, semantic_config):
-  """{'encoder', 'predictor'} of an exported semantic phase."""
+def load_semantic_params(path, model_config, semantic_config, *, sharding=None):
+  """{'encoder', 'predictor'} of an exported semantic phase; sharding as checkpointing.load_tree's."""
   encoder, predictor = semantic.make_semantic_models(model_config, semantic_config)
   like = jax.eval_shape(lambda: semantic.init_semantic_params(encoder, predictor, jax.random.key(0),
                                                               model_config=model_config))
-  return checkpointing.load_tree(path, 'params', like)
+  return checkpointing.load_tree(path, 'params', like, sharding=sharding)
 
 
-def _load_semantic(stage_root, model_config):
+def _load_semantic(stage_root, model_config, *, sharding=None):
   """The SemanticPredictor exported beside a stage's model (stage_<k>/{semantic,latent}/model), or None."""
   semantic_path = os.path.join(stage_root, 'semantic', 'model')
   latent_path = os.path.join(stage_root, 'latent', 'model')
@@ -220,21 +232,24 @@ def _load_semantic(stage_root, model_config):
   latent_like = jax.eval_shape(lambda: latent.init_latent_params(latent_model, jax.random.key(0), dim=dim))
   stats_like = {k: jax.ShapeDtypeStruct((dim,), jnp.float32) for k in ('mean', 'std')}
   return SemanticPredictor(
-      params=load_semantic_params(semantic_path, model_config, semantic_config),
-      latent_params=checkpointing.load_tree(latent_path, 'params', latent_like),
-      stats=checkpointing.load_tree(latent_path, 'stats', stats_like),
+      params=load_semantic_params(semantic_path, model_config, semantic_config, sharding=sharding),
+      latent_params=checkpointing.load_tree(latent_path, 'params', latent_like, sharding=sharding),
+      stats=checkpointing.load_tree(latent_path, 'stats', stats_like, sharding=sharding),
       config=ml_collections.ConfigDict({'semantic': semantic_config, 'latent': latent_info['latent']}))
 
 
-def load(path):
+def load(path, *, sharding=None):
   """Loads an exported model (or the last one of a run folder): Model(params, config, path, semantic).
 
   A distillation stage's semantic gradient predictor and latent model come along when they were trained.
+  sharding: of the loaded arrays; None = replicated over this process's devices (see checkpointing.load_tree).
+  Every process of a multi-host job must call it: Orbax's restore synchronises them.
   """
   path = resolve_model_path(path)
   config = ml_collections.ConfigDict(checkpointing.read_info(path))
-  params = checkpointing.load_tree(path, 'params', abstract_params(config.model))
-  return Model(params=params, config=config, path=path, semantic=_load_semantic(os.path.dirname(path), config.model))
+  params = checkpointing.load_tree(path, 'params', abstract_params(config.model), sharding=sharding)
+  return Model(params=params, config=config, path=path,
+               semantic=_load_semantic(os.path.dirname(path), config.model, sharding=sharding))
 
 
 def write_samples(config, workdir):
@@ -248,6 +263,8 @@ def write_samples(config, workdir):
                         semantic=config.sample.semantic, batch_size=config.sample.batch_size)
   name = (f'{model.config.name}_{num_steps}steps_{config.sample.sampler}' + ('_guided' if guidance else '')
           + ('_semantic' if config.sample.semantic else ''))
+  if jax.process_index() != 0:  # every process samples the same images; one writes them
+    return images
   out_dir = os.path.join(workdir, 'samples')
   os.makedirs(out_dir, exist_ok=True)
   images_lib.save_grid(os.path.join(out_dir, name + '.png'), images[:256])

@@ -92,7 +92,8 @@ def test_sharded_distill_step_equals_single_device(tiny_run):
   tx, schedule = state_lib.make_optimizer(config.distill.optimizer, config.distill.train_steps)
   step = steps_lib.make_distill_step(model=model, model_config=config.model,
                                      diffusion_config=config.diffusion.to_dict(), train_config=config.distill, tx=tx,
-                                     schedule=schedule, teacher_fn=attention_guidance.denoise_factory(config.model, None))
+                                     schedule=schedule,
+                                     teacher_fn=attention_guidance.denoise_factory(config.model, None))
   batch = pipeline.make_batches(config, config.distill).get(0, 2)
   init = lambda: pipeline.init_fn(config, config.distill, tx)(teacher)
   (one, m1), (four, m4) = (tiny.run_step_on(devices, step, init, batch, (teacher, np.int32(2)))
@@ -112,6 +113,34 @@ def test_bad_distillation_input_fails_before_any_work(tiny_run, tmp_path):
   with pytest.raises(checkpointing.CheckpointError, match='no teacher to distil'):
     pipeline.run_pipeline(missing, str(tmp_path / 'empty'))
   other = tiny.load_config(**{'distill.teacher': os.path.join(workdir, 'teacher', 'model'), 'model.ch': 32})
-  with pytest.raises(loop.IncompatibleRunError, match='architecture differs'):
+  with pytest.raises(loop.IncompatibleRunError, match="architecture differs.*'model.ch': \\(16, 32\\)"):
     pipeline.run_distill(other, str(tmp_path / 'other'))
+  schedule = tiny.load_config(**{'distill.teacher': os.path.join(workdir, 'teacher', 'model'),
+                                 'diffusion.logsnr_min': -10.0})
+  with pytest.raises(loop.IncompatibleRunError, match="'diffusion.logsnr_min': \\(-20.0, -10.0\\)"):
+    pipeline.run_distill(schedule, str(tmp_path / 'other'))
   assert not os.path.exists(tmp_path / 'other' / 'distill')
+
+
+def test_resume_with_other_guidance_or_optimiser_settings_is_refused(tiny_run, tmp_path, monkeypatch):
+  """A stage's checkpoints record the guidance and training settings its target and updates used."""
+  workdir, _ = tiny_run
+  guided = {'distill.teacher': os.path.join(workdir, 'teacher', 'model'), 'distill.train_steps': 4,
+            'distill.checkpoint_every': 1, 'sferd.attention_guidance.enabled': True}
+  real = pipeline.make_batches
+  monkeypatch.setattr(pipeline, 'make_batches', lambda *a, **k: test_training._Interrupting(real(*a, **k), after=3))
+  with pytest.raises(KeyboardInterrupt):
+    pipeline.run_distill(tiny.load_config(**guided), str(tmp_path))  # stage 1's last checkpoint is step 1
+  monkeypatch.setattr(pipeline, 'make_batches', real)
+  for key, value, what in (('sferd.attention_guidance.weight', 0.5, 'attention_guidance'),
+                           ('sferd.attention_guidance.enabled', False, 'attention_guidance'),
+                           ('distill.optimizer.learning_rate', 1e-3, 'training'),
+                           ('distill.batch_size', 16, 'training')):
+    with pytest.raises(loop.IncompatibleRunError, match=f"stage 1.*different '{what}'"):
+      pipeline.run_distill(tiny.load_config(**{**guided, key: value}), str(tmp_path))
+  meta = checkpointing.PhaseCheckpoints(os.path.join(tmp_path, 'distill', 'stage_1'), keep=1).restore_meta(1)
+  assert meta['config']['attention_guidance']['weight'] == 0.3
+  assert 'log_every' not in meta['config']['training'] and meta['config']['training']['train_steps'] == 4
+  # Guidance off records no settings: its weight cannot matter then.
+  assert pipeline.guidance_meta(tiny.load_config()) is None
+  assert pipeline.guidance_meta(tiny.load_config(**{**guided, 'sferd.attention_guidance.weight': 0.0})) is None

@@ -67,6 +67,50 @@ def test_zero_predictor_output_gives_the_plain_student(tiny_run):
                                 sampling.sample(model.params, jax.random.key(4), **kwargs))
 
 
+def test_a_sample_does_not_depend_on_the_call_that_drew_it(tiny_run):
+  """Sample i's noise and, with the predictor, its code z_sem come from (rng, i) alone: the number of samples and
+  the batch size do not change it."""
+  workdir, _ = tiny_run
+  model = sampling.load(workdir)
+  # A predictor with a strong, code-dependent output, so a different code shows in the uint8 images.
+  predictor = dict(model.semantic.params['predictor'])
+  predictor['conv_out'] = jax.tree.map(lambda p: p + 0.2 * jax.random.normal(jax.random.key(7), p.shape),
+                                       predictor['conv_out'])
+  strong = sampling.SemanticPredictor(params=dict(model.semantic.params, predictor=predictor),
+                                      latent_params=model.semantic.latent_params, stats=model.semantic.stats,
+                                      config=model.semantic.config)
+  kwargs = dict(model_config=model.config.model, num_steps=1)
+  draws = {}
+  for name, semantic in (('plain', None), ('semantic', strong)):
+    sixteen = sampling.sample(model.params, jax.random.key(5), num_samples=16, batch_size=16, semantic=semantic,
+                              **kwargs)
+    eight = sampling.sample(model.params, jax.random.key(5), num_samples=8, batch_size=4, semantic=semantic, **kwargs)
+    np.testing.assert_array_equal(sixteen[:8], eight)
+    draws[name] = sixteen
+  assert not np.array_equal(draws['plain'], draws['semantic'])  # the codes do reach the images
+
+
+def test_a_stage_teacher_is_found_by_stage_in_a_moved_workdir(tiny_run, tmp_path):
+  """The semantic phase derives a stage's teacher from the stage number, not model.json's absolute path, and
+  checks it against the fingerprint the stage recorded."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  import pytest  # pylint: disable=g-import-not-at-top
+  workdir, _ = tiny_run
+  moved = str(tmp_path / 'moved')
+  shutil.copytree(os.path.join(workdir, 'distill'), os.path.join(moved, 'distill'))
+  config = tiny.load_config()
+  student = sampling.load(_stage(moved))
+  assert student.config.teacher.startswith(workdir)  # the recorded path is the old one
+  params = pipeline.load_stage_teacher(config, moved, 2, student)
+  assert checkpointing.fingerprint(params) == student.config.teacher_fingerprint
+  stage1 = sampling.load(os.path.join(moved, 'distill', 'stage_1'))
+  with pytest.raises(checkpointing.CheckpointError, match='teacher of distillation stage 1 is missing'):
+    pipeline.load_stage_teacher(config, moved, 1, stage1)  # the teacher phase's export was not copied
+  wrong = tiny.load_config(**{'distill.teacher': _stage(moved) + '/model'})
+  with pytest.raises(checkpointing.CheckpointError, match='is not the model stage 1 was distilled from'):
+    pipeline.load_stage_teacher(wrong, moved, 1, stage1)
+
+
 def test_latent_model_and_statistics_restore(tiny_run):
   workdir, _ = tiny_run
   model = sampling.load(workdir)

@@ -243,10 +243,16 @@ def test_killed_between_last_checkpoint_and_export(tmp_path):
   pipeline.run_teacher(config, workdir)
   exported = sampling.load(workdir).params
   import shutil  # pylint: disable=g-import-not-at-top
+  summary_path = os.path.join(workdir, 'teacher', 'summary.json')
+  with open(summary_path) as f:
+    summary = json.load(f)
   shutil.rmtree(os.path.join(workdir, 'teacher', 'model'))
-  os.remove(os.path.join(workdir, 'teacher', 'summary.json'))
+  os.remove(summary_path)
   pipeline.run_teacher(config, workdir)
   jax.tree.map(np.testing.assert_array_equal, sampling.load(workdir).params, exported)
+  with open(summary_path) as f:  # rewritten from the last checkpoint: the same summary, not a new one
+    assert json.load(f) == summary
+  assert checkpointing.read_info(os.path.join(workdir, 'teacher', 'model'))['summary'] == summary
 
 
 def test_lowering_train_steps_below_an_unfinished_run_is_refused(tmp_path, monkeypatch):
@@ -258,3 +264,63 @@ def test_lowering_train_steps_below_an_unfinished_run_is_refused(tmp_path, monke
   monkeypatch.setattr(pipeline, 'make_batches', real)
   with pytest.raises(loop.IncompatibleRunError, match='past train_steps=1'):
     pipeline.run_teacher(tiny.load_config(**{'teacher.train_steps': 1}), str(tmp_path))
+
+
+def test_resume_with_steps_per_call_not_dividing_the_checkpoint_is_refused(tmp_path, monkeypatch):
+  """Striding from step 1 by 2 would pass train_steps=4 by; the resume is refused before any work instead."""
+  config = tiny.load_config(**{'teacher.checkpoint_every': 1})
+  real = pipeline.make_batches
+  monkeypatch.setattr(pipeline, 'make_batches', lambda *a, **k: _Interrupting(real(*a, **k), after=3))
+  with pytest.raises(KeyboardInterrupt):
+    pipeline.run_teacher(config, str(tmp_path))  # killed in step 2; the last checkpoint is step 1
+  monkeypatch.setattr(pipeline, 'make_batches', real)
+  with open(tmp_path / 'teacher' / 'metrics.jsonl') as f:
+    logged = f.read()
+  changed = tiny.load_config(**{'teacher.checkpoint_every': 1, 'teacher.steps_per_call': 2})
+  with pytest.raises(config_lib.ConfigError, match=r'at step 1; steps_per_call=2 does not divide it.*'
+                                                   r'steps_per_call=1'):
+    pipeline.run_teacher(changed, str(tmp_path))
+  assert checkpointing.PhaseCheckpoints(str(tmp_path / 'teacher'), keep=2).latest_step() == 1
+  with open(tmp_path / 'teacher' / 'metrics.jsonl') as f:
+    assert f.read() == logged
+
+
+def test_bad_batch_size_or_steps_per_call_is_a_config_error_before_any_work(tmp_path):
+  assert jax.device_count() == 4
+  with pytest.raises(config_lib.ConfigError, match=r'config\.latent\.batch_size=6 .* multiple of 4'):
+    pipeline.run_pipeline(tiny.load_config(**{'latent.batch_size': 6}), str(tmp_path))
+  assert not os.path.exists(tmp_path / 'teacher')  # refused before the phases before it ran
+  with pytest.raises(config_lib.ConfigError, match=r'config\.teacher\.batch_size=6'):
+    pipeline.run_teacher(tiny.load_config(**{'teacher.batch_size': 6}), str(tmp_path))
+  with pytest.raises(config_lib.ConfigError, match='steps_per_call=3 does not divide train_steps=4'):
+    pipeline.run_teacher(tiny.load_config(**{'teacher.steps_per_call': 3}), str(tmp_path))
+  assert not os.path.exists(tmp_path / 'teacher')
+
+
+def test_metrics_log_skips_a_half_written_line_on_resume(tmp_path):
+  path = tmp_path / 'metrics.jsonl'
+  path.write_text('{"step": 1, "loss": 0.5}\n\n{"step": 2, "loss": 0.4}\n{"step": 3, "loss": 0.3}\n{"step": 4, "lo')
+  log = loop.MetricsLog(str(tmp_path), resume_step=2)
+  assert path.read_text() == '{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n'
+  log.write({'step': 3, 'loss': 0.25})
+  assert [json.loads(line)['loss'] for line in path.read_text().splitlines()] == [0.5, 0.4, 0.25]
+  # A last record that parses but lost its newline gets one back, so the next record starts its own line.
+  path.write_text('{"step": 1, "loss": 0.5}')
+  loop.MetricsLog(str(tmp_path), resume_step=1).write({'step': 2, 'loss': 0.4})
+  assert [json.loads(line)['step'] for line in path.read_text().splitlines()] == [1, 2]
+  assert not os.path.exists(str(path) + '.tmp')
+
+
+def test_load_restores_onto_the_sharding_it_is_given(tiny_run):
+  """Training loads a teacher onto its mesh; the default is this process's devices. sample() takes either."""
+  from sferd_jax.training import sharding  # pylint: disable=g-import-not-at-top
+  workdir, _ = tiny_run
+  mesh = sharding.make_mesh(jax.devices()[:2])
+  on_mesh = sampling.load(os.path.join(workdir, 'teacher'), sharding=sharding.replicated(mesh))
+  default = sampling.load(os.path.join(workdir, 'teacher'))
+  for leaf in jax.tree.leaves(on_mesh.params):
+    assert leaf.sharding.is_equivalent_to(sharding.replicated(mesh), leaf.ndim)
+  for leaf in jax.tree.leaves(default.params):
+    assert leaf.sharding.is_fully_replicated and set(leaf.devices()) == set(jax.local_devices())
+  np.testing.assert_array_equal(on_mesh.sample(jax.random.key(0), num_samples=4),
+                                default.sample(jax.random.key(0), num_samples=4))

@@ -17,6 +17,8 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
+from sferd_jax.training import sharding as sharding_lib
+
 MODEL_JSON = 'model.json'
 
 
@@ -82,7 +84,7 @@ class PhaseCheckpoints:
 def fingerprint(tree):
   """A short hash of a parameter tree's values, to tell which teacher a student was distilled from."""
   digest = hashlib.sha256()
-  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+  for path, leaf in jax.tree_util.tree_leaves_with_path(sharding_lib.host_local(tree)):  # global arrays too
     digest.update(jax.tree_util.keystr(path).encode())
     digest.update(np.asarray(jax.device_get(leaf)).tobytes())
   return digest.hexdigest()[:16]
@@ -132,17 +134,17 @@ def read_info(path):
     raise CheckpointError(f'{file} cannot be read ({e}); the export is corrupt. Re-export it or use another.') from None
 
 
-def load_tree(path, name, like):
+def load_tree(path, name, like, *, sharding=None):
   """Restores tree `name` of an export into the shapes of `like` (a tree of arrays or ShapeDtypeStructs).
 
-  Leaves without a sharding are restored replicated over this process's devices, whatever the device count of
-  the run that saved them: a model trained on 8 GPUs loads on a laptop.
+  Leaves without a sharding get `sharding`; by default, replicated over this process's own devices, whatever the
+  device count of the run that saved them: a model trained on 8 GPUs loads on a laptop, and one process of a
+  multi-host job can sample alone. Training passes its mesh's replicated sharding for arrays that enter its steps.
   """
-  replicated = jax.sharding.NamedSharding(
-      jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,)),
-      jax.sharding.PartitionSpec())
+  if sharding is None:
+    sharding = sharding_lib.replicated(sharding_lib.make_mesh(jax.local_devices()))
   like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                     sharding=getattr(x, 'sharding', None) or replicated), like)
+                                                     sharding=getattr(x, 'sharding', None) or sharding), like)
   try:
     return ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), name), like)
   except Exception as e:  # pylint: disable=broad-except

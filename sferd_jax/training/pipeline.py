@@ -36,7 +36,12 @@ from sferd_jax.training import state as state_lib
 from sferd_jax.training import steps as steps_lib
 
 GRID_SAMPLES = 64
-TEACHER_GRID_STEPS = 128  # teacher grids show the base model well sampled (or at start_num_steps if more)
+TEACHER_GRID_STEPS = 128  # teacher grids show the base model well sampled, at a fixed cost per grid
+TRAINED_PHASES = ('teacher', 'distill', 'semantic', 'latent')  # the phases with a training section of that name
+# Training keys that do not change what a phase computes: a resume may change them. (steps_per_call only groups
+# the same steps into calls; distill's stage keys are covered by student_steps and the teacher fingerprint.)
+RESUMABLE_KEYS = ('log_every', 'checkpoint_every', 'keep_checkpoints', 'sample_every', 'steps_per_call', 'teacher',
+                  'start_num_steps', 'end_num_steps')
 
 
 def make_batches(config, train_config, *, seed_offset=0):
@@ -54,6 +59,23 @@ def grid_sampler(config, num_steps):
   return sample_fn
 
 
+def check_batch_sizes(config, sections, mesh):
+  """Each section's global batch splits over the mesh's devices: a ConfigError before any work, not in a phase."""
+  for section in sections:
+    sharding.check_batch_size(config[section].batch_size, mesh, what=f'config.{section}.batch_size')
+
+
+def training_meta(train_config):
+  """What a phase's checkpoints record of its training section, for a resume to match (Phase.meta)."""
+  return {k: v for k, v in config_lib.to_json(train_config).items() if k not in RESUMABLE_KEYS}
+
+
+def guidance_meta(config):
+  """The attention-guidance settings a distillation target used: None when guidance is off (then none matter)."""
+  cfg = config.sferd.attention_guidance
+  return config_lib.to_json(cfg) if attention_guidance.is_active(cfg) else None
+
+
 def model_info(config, *, name, phase, num_steps, **extra):
   """model.json of an export: what load() and the next stage need to know."""
   return dict(name=name, phase=phase, num_steps=num_steps, model=config.model.to_dict(),
@@ -66,13 +88,20 @@ NOT_ARCHITECTURE = ('dropout', 'dtype')
 
 
 def check_architecture(export_path, config):
-  """An exported model must have the architecture of config.model, or nothing downstream can use it."""
-  saved, wanted = checkpointing.read_info(export_path)['model'], config_lib.to_json(config.model)
-  diff = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v and k not in NOT_ARCHITECTURE}
+  """An exported model must have the architecture of config.model and the noise schedule of config.diffusion, or
+  nothing downstream can use it (a student distilled on another schedule would not match its teacher)."""
+  info = checkpointing.read_info(export_path)
+  diff = {}
+  for section in ('model', 'diffusion'):
+    saved, wanted = info.get(section), config_lib.to_json(config[section])
+    if saved is None:  # an export older than the section's record: nothing to compare
+      continue
+    diff.update({f'{section}.{k}': (saved.get(k), v) for k, v in wanted.items()
+                 if saved.get(k) != v and k not in NOT_ARCHITECTURE})
   if diff:
     raise loop.IncompatibleRunError(
-        f'{export_path} holds a model whose architecture differs from config.model (key: (saved, config)): {diff}. '
-        f'Use a new --workdir, or set config.model to the saved architecture.')
+        f'{export_path} holds a model whose architecture differs from the config (config key: (saved, config)): '
+        f'{diff}. Use a new --workdir, or set these config keys to the saved values.')
 
 
 def init_fn(config, train_config, tx):
@@ -100,6 +129,7 @@ def run_teacher(config, workdir, *, mesh=None):
     logging.info('teacher: finished and exported at %s; skipping', export_path)
     return export_path
   mesh = mesh or sharding.make_mesh()
+  check_batch_sizes(config, ('teacher',), mesh)
   train_config = config.teacher
   tx, schedule = state_lib.make_optimizer(train_config.optimizer, train_config.train_steps)
   model = unet.make_unet(config.model)
@@ -111,7 +141,7 @@ def run_teacher(config, workdir, *, mesh=None):
       init_state=init_fn(config, train_config, tx),
       meta=dict(model=config.model.to_dict(), diffusion=config.diffusion.to_dict(), data=data_lib.data_config(config),
                 seed=config.seed, loss=train_config.loss),
-      sample_fn=grid_sampler(config, max(TEACHER_GRID_STEPS, config.distill.start_num_steps)))
+      sample_fn=grid_sampler(config, TEACHER_GRID_STEPS))
   state, summary = loop.run_phase(phase, batches=make_batches(config, train_config), mesh=mesh,
                                   rng=jax.random.key(config.seed))
   checkpointing.export_model(export_path, trees={'params': state.export_params},
@@ -128,6 +158,12 @@ def teacher_path(config, workdir):
 
 def stage_dir(workdir, stage):
   return os.path.join(workdir, 'distill', f'stage_{stage}')
+
+
+def stage_teacher_path(config, workdir, stage):
+  """The model stage `stage` distils: stage k-1's export, or for stage 1 teacher_path(). Derived, not read from
+  model.json (which records absolute paths), so a moved workdir still works."""
+  return teacher_path(config, workdir) if stage == 1 else os.path.join(stage_dir(workdir, stage - 1), 'model')
 
 
 def check_teacher(config, workdir):
@@ -149,6 +185,7 @@ def run_distill(config, workdir, *, mesh=None):
   """
   teacher = check_teacher(config, workdir)
   mesh = mesh or sharding.make_mesh()
+  check_batch_sizes(config, ('distill',), mesh)
   train_config = config.distill
   num_stages = config_lib.num_stages(config)
   model = unet.make_unet(config.model)
@@ -170,17 +207,19 @@ def run_distill(config, workdir, *, mesh=None):
       info = checkpointing.read_info(export_path)
       logging.info('distill stage %d: finished and exported at %s; skipping', stage, export_path)
     else:
-      teacher_params = sampling.load(teacher).params
+      teacher_params = sampling.load(teacher, sharding=sharding.replicated(mesh)).params  # enters the steps
       name = f'distill stage {stage}/{num_stages} ({2 * student_steps} -> {student_steps} steps)'
       phase = loop.Phase(
           name=name, directory=directory, train_config=train_config, step=step, init_state=init,
           init_args=(teacher_params,),
           extra_args=(teacher_params, jnp.int32(student_steps)),
           meta=dict(model=config.model.to_dict(), diffusion=config.diffusion.to_dict(),
-                    data=data_lib.data_config(config), seed=config.seed, loss=train_config.loss, student_steps=student_steps,
-                    teacher=checkpointing.fingerprint(teacher_params)),
+                    data=data_lib.data_config(config), seed=config.seed, loss=train_config.loss,
+                    student_steps=student_steps, teacher=checkpointing.fingerprint(teacher_params),
+                    attention_guidance=guidance_meta(config), training=training_meta(train_config)),
           sample_fn=grid_sampler(config, student_steps))
-      # Each stage draws its own examples and noise: the stage number offsets the seed.
+      # Every stage reads the same examples in the same order (one Batches, one data seed); only its noise key
+      # differs, folded from the stage number. Resumes rely on both being functions of the step alone.
       state, summary = loop.run_phase(phase, batches=batches, mesh=mesh,
                                       rng=jax.random.fold_in(jax.random.key(config.seed + 1), stage))
       info = model_info(config, name=f'stage_{stage}', phase='distill', num_steps=student_steps, stage=stage,
@@ -209,19 +248,21 @@ def write_stage_table(directory, rows):
 
 
 def write_comparison(config, workdir, *, student_steps=(4, 2, 1), num_samples=8):
-  """samples/comparison.png: the teacher (top row) and the students of `student_steps` from the same noise."""
-  if jax.process_index() != 0:
-    return
+  """samples/comparison.png: the teacher (top row) and the students of `student_steps` from the same noise.
+
+  Every process loads the models (Orbax's restore synchronises them); process 0 samples and writes.
+  """
   rows, names = [], []
   candidates = [('teacher', os.path.join(workdir, 'teacher', 'model'))]
   for stage in range(1, config_lib.num_stages(config) + 1):
     if config.distill.start_num_steps // 2**stage in student_steps:
       candidates.append((f'stage_{stage}', os.path.join(stage_dir(workdir, stage), 'model')))
-  for name, path in candidates:
-    if checkpointing.is_exported(path):
-      model = sampling.load(path)
-      rows.append(model.sample(jax.random.key(config.seed), num_samples=num_samples))
-      names.append(f'{name} ({model.config.num_steps} steps)')
+  models = [(name, sampling.load(path)) for name, path in candidates if checkpointing.is_exported(path)]
+  if jax.process_index() != 0:
+    return
+  for name, model in models:
+    rows.append(model.sample(jax.random.key(config.seed), num_samples=num_samples))
+    names.append(f'{name} ({model.config.num_steps} steps)')
   if rows:
     path = os.path.join(workdir, 'samples', 'comparison.png')
     images_lib.save_grid(path, np.concatenate(rows), columns=num_samples)
@@ -245,6 +286,7 @@ def run_semantic(config, workdir, *, mesh=None):
   levels. Exports distill/stage_<k>/semantic/model ({'params': {'encoder', 'predictor'}}).
   """
   mesh = mesh or sharding.make_mesh()
+  check_batch_sizes(config, ('semantic',), mesh)
   train_config = config.semantic
   student_model = unet.make_unet(config.model)
   encoder, predictor = semantic_lib.make_semantic_models(config.model, config.sferd.semantic)
@@ -254,6 +296,7 @@ def run_semantic(config, workdir, *, mesh=None):
       diffusion_config=config.diffusion.to_dict(), train_config=train_config, tx=tx, schedule=schedule,
       teacher_fn=attention_guidance.denoise_factory(config.model, config.sferd.attention_guidance))
   batches = make_batches(config, train_config, seed_offset=2)
+  replicated = sharding.replicated(mesh)  # the student and teacher enter the steps
 
   def init(rng, student_params):
     params = semantic_lib.init_semantic_params(encoder, predictor, rng, model_config=config.model)
@@ -268,8 +311,8 @@ def run_semantic(config, workdir, *, mesh=None):
     if checkpointing.is_exported(export_path):
       logging.info('semantic stage %d: finished and exported at %s; skipping', stage, export_path)
       continue
-    student = sampling.load(student_path)
-    teacher_params = sampling.load(student.config.teacher).params
+    student = sampling.load(student_path, sharding=replicated)
+    teacher_params = load_stage_teacher(config, workdir, stage, student, sharding=replicated)
     num_steps = student.config.num_steps
     rng = jax.random.fold_in(jax.random.key(config.seed + 2), stage)
     phase = loop.Phase(
@@ -277,13 +320,30 @@ def run_semantic(config, workdir, *, mesh=None):
         step=step, init_state=init, init_args=(rng, student.params),
         extra_args=(student.params, teacher_params, jnp.int32(num_steps)),
         meta=dict(semantic=config.sferd.semantic.to_dict(), data=data_lib.data_config(config), seed=config.seed,
-                  loss=train_config.loss, student=checkpointing.fingerprint(student.params)),
+                  loss=train_config.loss, student=checkpointing.fingerprint(student.params),
+                  attention_guidance=guidance_meta(config), training=training_meta(train_config)),
         sample_fn=reconstruction_sampler(config, student, batches.get(0)))
     state, summary = loop.run_phase(phase, batches=batches, mesh=mesh, rng=rng)
     checkpointing.export_model(export_path, trees={'params': state.export_params}, info=dict(
         name=f'stage_{stage}_semantic', phase='semantic', stage=stage, num_steps=num_steps,
         semantic=config.sferd.semantic.to_dict(), student=student_path, summary=summary))
     logging.info('semantic stage %d: exported to %s', stage, export_path)
+
+
+def load_stage_teacher(config, workdir, stage, student, *, sharding=None):
+  """The params of the model stage `stage`'s student was distilled from, checked against its recorded fingerprint."""
+  path = stage_teacher_path(config, workdir, stage)
+  if not checkpointing.is_exported(path):
+    raise checkpointing.CheckpointError(f'the teacher of distillation stage {stage} is missing at {path}; it is '
+                                        f'needed to train that stage\'s semantic predictor. Restore it, or rerun '
+                                        f'the distill phase.')
+  params = sampling.load(path, sharding=sharding).params
+  expected, found = student.config.get('teacher_fingerprint'), checkpointing.fingerprint(params)
+  if expected and found != expected:
+    raise checkpointing.CheckpointError(
+        f'{path} is not the model stage {stage} was distilled from (fingerprint {found}, expected {expected}). '
+        f'Restore that model there, or rerun the distill phase in a new --workdir.')
+  return params
 
 
 def reconstruction_sampler(config, student, batch, *, num_images=8):
@@ -296,6 +356,7 @@ def reconstruction_sampler(config, student, batch, *, num_images=8):
   labels = denoiser.labels_or_none(config.model, labels)
   z = jax.random.normal(jax.random.key(config.seed), x0.shape)
   diffusion_config = config.diffusion.to_dict()
+  student_params = sharding.host_local(student.params)  # grids run on one process's devices
 
   @jax.jit
   def run(semantic_params, student_params):
@@ -306,7 +367,7 @@ def reconstruction_sampler(config, student, batch, *, num_images=8):
     return samplers.sample_loop(denoise_fn=denoise, z_init=z, num_steps=student.config.num_steps,
                                 rng=jax.random.key(config.seed), **diffusion_config)
 
-  return lambda params: np.concatenate([images_lib.to_uint8(x0), images_lib.to_uint8(run(params, student.params))])
+  return lambda params: np.concatenate([images_lib.to_uint8(x0), images_lib.to_uint8(run(params, student_params))])
 
 
 def semantic_sampler(config, student, semantic_params, stats):
@@ -349,6 +410,7 @@ def run_latent(config, workdir, *, mesh=None):
   """Trains the latent diffusion over each semantic stage's normalised codes: distill/stage_<k>/latent/model
   holds its params and the code statistics ({'params', 'stats': {'mean', 'std'}})."""
   mesh = mesh or sharding.make_mesh()
+  check_batch_sizes(config, ('latent',), mesh)
   train_config = config.latent
   encoder, _ = semantic_lib.make_semantic_models(config.model, config.sferd.semantic)
   model = latent_lib.make_latent_model(config.sferd.latent)
@@ -382,7 +444,8 @@ def run_latent(config, workdir, *, mesh=None):
                           seed=config.seed + 3)
     state, summary = loop.run_phase(phase, batches=batches, mesh=mesh, rng=rng)
     checkpointing.export_model(
-        export_path, trees={'params': state.export_params, 'stats': {'mean': stats.mean, 'std': stats.std}},
+        export_path, trees={'params': state.export_params,  # stats as NumPy: written once, not per process
+                            'stats': {'mean': np.asarray(stats.mean), 'std': np.asarray(stats.std)}},
         info=dict(name=f'stage_{stage}_latent', phase='latent', stage=stage, latent=config.sferd.latent.to_dict(),
                   latent_dim=dim, num_codes=len(codes), summary=summary))
     logging.info('latent stage %d: exported to %s', stage, export_path)
@@ -391,6 +454,7 @@ def run_latent(config, workdir, *, mesh=None):
 def run_pipeline(config, workdir):
   """Runs every phase in config.phases, in order, skipping finished ones."""
   mesh = sharding.make_mesh()
+  check_batch_sizes(config, [p for p in config.phases if p in TRAINED_PHASES], mesh)
   if 'distill' in config.phases and 'teacher' not in config.phases:
     check_teacher(config, workdir)  # fail before any work, not after the phases before it
   runners = {'teacher': run_teacher, 'distill': run_distill, 'semantic': run_semantic, 'latent': run_latent,

@@ -9,6 +9,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sferd_jax import config as config_lib
+
 
 def multi_host_environment(env):
   """Whether env describes one process of a multi-process job that jax.distributed.initialize() can join.
@@ -47,10 +49,11 @@ def batch_sharding(mesh, *, leading_axes=1):
 
 
 def check_batch_size(global_batch_size, mesh, *, what='batch_size'):
+  """A global batch splits evenly over the mesh's devices, or ConfigError (a ValueError) saying what to set."""
   n = mesh.devices.size
   if global_batch_size % n:
-    raise ValueError(f'{what}={global_batch_size} must be divisible by the number of devices ({n}); '
-                     f'use a multiple of {n}')
+    raise config_lib.ConfigError(f'{what}={global_batch_size} must be divisible by the number of devices ({n}); '
+                                 f'use a multiple of {n}')
 
 
 def put_batch(local_batch, mesh, *, leading_axes=1):
