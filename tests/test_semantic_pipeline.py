@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sferd_jax import config as config_lib
+from sferd_jax import data as data_lib
+from sferd_jax import images as images_lib
 from sferd_jax import sampling
 from sferd_jax.models import semantic as semantic_lib
 from sferd_jax.models import unet
@@ -152,3 +154,17 @@ def test_semantic_stages_config():
   import pytest  # pylint: disable=g-import-not-at-top
   with pytest.raises(config_lib.ConfigError, match='does not exist'):
     config_lib.validate(tiny.load_config(**{'sferd.semantic.stages': (3,)}))
+
+
+def test_encode_dataset_in_batches_equals_encoding_all_images_at_once():
+  """Batch by batch, the last one padded: the same codes as one pass over the whole dataset, in order."""
+  config = tiny.load_config()
+  encoder, predictor = semantic_lib.make_semantic_models(config.model, config.sferd.semantic)
+  params = jax.jit(lambda key: semantic_lib.init_semantic_params(encoder, predictor, key,
+                                                                 model_config=config.model))(jax.random.key(0))
+  codes = pipeline.encode_dataset(config, encoder, params['encoder'], batch_size=500)  # 1797 = 3 x 500 + 297
+  source = data_lib.load_source(data_lib.data_config(config))
+  images, _ = source.read(np.arange(len(source)))
+  expected = encoder.apply({'params': params['encoder']}, images_lib.from_uint8(images))
+  assert codes.shape == (len(source), config.sferd.semantic.latent_dim)
+  np.testing.assert_allclose(codes, expected, rtol=1e-4, atol=1e-5)

@@ -397,12 +397,18 @@ class CodeBatches(data_lib.Batches):
 
 
 def encode_dataset(config, encoder, encoder_params, *, batch_size=256):
-  """E_phi of every training image: (N, latent_dim) float32."""
+  """E_phi of every training image: (N, latent_dim) float32.
+
+  Reads the images a batch at a time (ImageNet-64 would be 16 GB at once); the last batch is padded to the same
+  shape, so one compilation serves all.
+  """
   source = data_lib.load_source(data_lib.data_config(config))
-  images, _ = source.read(np.arange(len(source)))
   encode = jax.jit(lambda p, x: encoder.apply({'params': p}, x))
-  codes = [jax.device_get(encode(encoder_params, images_lib.from_uint8(images[i:i + batch_size])))
-           for i in range(0, len(images), batch_size)]
+  codes = []
+  for start in range(0, len(source), batch_size):
+    indices = np.arange(start, min(start + batch_size, len(source)))
+    images, _ = source.read(np.pad(indices, (0, batch_size - len(indices)), mode='edge'), num_threads=16)
+    codes.append(jax.device_get(encode(encoder_params, images_lib.from_uint8(images)))[:len(indices)])
   return np.concatenate(codes)
 
 
