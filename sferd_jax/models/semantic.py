@@ -160,27 +160,9 @@ class ShiftDecoder(nn.Module):
         emb=emb, z_emb=z_emb, train=train)
     attn = lambda name: layers.AttnBlock(num_heads=self.num_heads, head_dim=self.head_dim, dtype=self.dtype,
                                          name=name)
-    # The loop mirrors UNetDecoder's, so the skips are consumed in the order the student's encoder produced them.
-    skips = list(skips)
-    h = resnet('mid_0')(h)
-    h = attn('mid_attn')(h)
-    h = resnet('mid_1')(h)
-    for level in reversed(range(len(self.ch_mult))):
-      res = h.shape[1]
-      for i in range(self.num_res_blocks + 1):
-        h = jnp.concatenate([h, skips.pop().astype(h.dtype)], axis=-1)
-        h = resnet(f'dec{res}_{i}', out_ch=self.ch * self.ch_mult[level])(h)
-        if res in self.attn_resolutions:
-          h = attn(f'dec{res}_{i}_attn')(h)
-      if level != 0:
-        if self.resblock_resample:
-          h = resnet(f'dec{res}_up', resample='up')(h)
-        else:
-          h = _conv(h.shape[-1], f'dec{res}_up', self.dtype)(layers.upsample_nearest(h))
-    if skips:
-      raise ValueError(f'{len(skips)} skip features left over: the shift decoder and the student differ')
-    h = nn.swish(layers.group_norm(h, name='norm_out'))
-    h = _conv(self.out_channels, 'conv_out', self.dtype, kernel_init=nn.initializers.zeros)(h)
+    conv = lambda features, name, **kwargs: _conv(features, name, self.dtype, **kwargs)
+    # UNetDecoder's layout and block names, so the skips and warm starts line up with the student's decoder.
+    h = unet.decoder_path(self, h, skips, resnet=resnet, attn=attn, conv=conv)
     return _to_gradient(h.astype(jnp.float32), logsnr, self.gradient_param)
 
 

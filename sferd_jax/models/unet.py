@@ -113,27 +113,37 @@ class UNetDecoder(_UNetFields):
 
   @nn.compact
   def __call__(self, h, skips, emb, *, train):
-    skips = list(skips)
-    h = self._resnet('mid_0')(h, emb=emb, train=train)
-    h = self._attn('mid_attn')(h)
-    h = self._resnet('mid_1')(h, emb=emb, train=train)
-    for level in reversed(range(len(self.ch_mult))):
-      res = h.shape[1]
-      for i in range(self.num_res_blocks + 1):
-        h = jnp.concatenate([h, skips.pop().astype(h.dtype)], axis=-1)
-        h = self._resnet(f'dec{res}_{i}', out_ch=self.ch * self.ch_mult[level])(h, emb=emb, train=train)
-        if res in self.attn_resolutions:
-          h = self._attn(f'dec{res}_{i}_attn')(h)
-      if level != 0:
-        if self.resblock_resample:
-          h = self._resnet(f'dec{res}_up', resample='up')(h, emb=emb, train=train)
-        else:
-          h = self._conv(h.shape[-1], f'dec{res}_up')(layers.upsample_nearest(h))
-    if skips:
-      raise ValueError(f'{len(skips)} skip features left over: encoder and decoder configs differ')
-    h = nn.swish(layers.group_norm(h, name='norm_out'))
-    h = self._conv(self.out_channels, 'conv_out', kernel_init=nn.initializers.zeros)(h)
-    return h.astype(jnp.float32)
+    resnet = lambda name, **kw: functools.partial(self._resnet(name, **kw), emb=emb, train=train)
+    return decoder_path(self, h, skips, resnet=resnet, attn=self._attn, conv=self._conv).astype(jnp.float32)
+
+
+def decoder_path(fields, h, skips, *, resnet, attn, conv):
+  """The decoder half's layout, shared by UNetDecoder and semantic.ShiftDecoder (whose blocks are modulated).
+
+  Call from a compact method: resnet(name, out_ch=None, resample=None), attn(name) and conv(features, name, **kw)
+  build the calling module's blocks, each a function of h; `fields` is that module (ch, ch_mult, num_res_blocks,
+  attn_resolutions, resblock_resample, out_channels). The skips are consumed in the order the encoder made them.
+  """
+  skips = list(skips)
+  h = resnet('mid_0')(h)
+  h = attn('mid_attn')(h)
+  h = resnet('mid_1')(h)
+  for level in reversed(range(len(fields.ch_mult))):
+    res = h.shape[1]
+    for i in range(fields.num_res_blocks + 1):
+      h = jnp.concatenate([h, skips.pop().astype(h.dtype)], axis=-1)
+      h = resnet(f'dec{res}_{i}', out_ch=fields.ch * fields.ch_mult[level])(h)
+      if res in fields.attn_resolutions:
+        h = attn(f'dec{res}_{i}_attn')(h)
+    if level != 0:
+      if fields.resblock_resample:
+        h = resnet(f'dec{res}_up', resample='up')(h)
+      else:
+        h = conv(h.shape[-1], f'dec{res}_up')(layers.upsample_nearest(h))
+  if skips:
+    raise ValueError(f'{len(skips)} skip features left over: the decoder and the encoder that made them differ')
+  h = nn.swish(layers.group_norm(h, name='norm_out'))
+  return conv(fields.out_channels, 'conv_out', kernel_init=nn.initializers.zeros)(h)
 
 
 class UNet(_UNetFields):
