@@ -36,7 +36,7 @@ from sferd_jax import sampling
 from sferd_jax.models import latent as latent_lib
 from sferd_jax.models import semantic as semantic_lib
 from sferd_jax.models import unet
-from sferd_jax.sferd import attention_guidance
+from sferd_jax.sferd import guided_teacher
 from sferd_jax.training import loop
 from sferd_jax.training import sharding
 from sferd_jax.training import state as state_lib
@@ -224,7 +224,7 @@ def teacher_step(config, *, params, mesh):
 def guidance_section(config):
   """The config's attention-guidance section, switched on; it must have a nonzero weight."""
   guidance = dict(config.sferd.attention_guidance.to_dict(), enabled=True)
-  if not attention_guidance.is_active(guidance):
+  if not guided_teacher.is_active(guidance):
     raise ValueError('config.sferd.attention_guidance.weight is 0: the guided step would be the plain one')
   return guidance
 
@@ -233,7 +233,7 @@ def distill_step(config, *, params, mesh, guided):
   """The first stage's distill step (its cost does not depend on the stage), the student starting as the teacher."""
   train_config = config.distill
   tx, schedule = state_lib.make_optimizer(train_config.optimizer, train_config.train_steps)
-  teacher_fn = attention_guidance.denoise_factory(config.model, guidance_section(config) if guided else None)
+  teacher_fn = guided_teacher.denoise_factory(config.model, guidance_section(config) if guided else None)
   step = steps_lib.make_distill_step(model=unet.make_unet(config.model), model_config=config.model,
                                      diffusion_config=config.diffusion.to_dict(), train_config=train_config, tx=tx,
                                      schedule=schedule, teacher_fn=teacher_fn)
@@ -256,8 +256,8 @@ def semantic_step(config, *, params, mesh):
   encoder, predictor = semantic_lib.make_semantic_models(config.model, config.sferd.semantic)
   step = steps_lib.make_semantic_step(
       student=unet.make_unet(config.model), encoder=encoder, predictor=predictor, model_config=config.model,
-      diffusion_config=config.diffusion.to_dict(), train_config=train_config, tx=tx, schedule=schedule,
-      teacher_fn=attention_guidance.denoise_factory(config.model, config.sferd.attention_guidance))
+      semantic_config=config.sferd.semantic, diffusion_config=config.diffusion.to_dict(), train_config=train_config,
+      tx=tx, schedule=schedule, teacher_fn=guided_teacher.denoise_factory(config.model, config.sferd.attention_guidance))
   semantic_params = random_params(
       lambda rng: semantic_lib.init_semantic_params(encoder, predictor, rng, model_config=config.model), seed=1)
   state = init_state(semantic_params, tx=tx, ema_decay=train_config.ema_decay, mesh=mesh)
@@ -348,7 +348,7 @@ def measure_distill(config, *, meta, params, batches, mesh, warmup, steps, guide
     ms_ratio = fields['median_ms'] / plain_fields['median_ms']
     records.append(dict(
         measure='distill_guided', **meta, **common, guided=True,
-        guidance_block=attention_guidance.guidance_block(config.model, config.sferd.attention_guidance), **fields,
+        guidance_block=guided_teacher.guidance_block(config.model, config.sferd.attention_guidance), **fields,
         plain_median_ms=plain_fields['median_ms'], ms_ratio=ms_ratio,
         min_ms_ratio=fields['min_ms'] / plain_fields['min_ms'],
         flop_ratio=fields['gflop_per_step'] / plain_fields['gflop_per_step']
@@ -361,7 +361,7 @@ def measure_semantic(config, *, meta, params, batches, mesh, warmup, steps):
   step = TrainStep('semantic step', semantic_step(config, params=params, mesh=mesh), batches, mesh=mesh)
   run_timed([step.timed], warmup=warmup, steps=steps)
   return [dict(measure='semantic', **meta, student_steps=semantic_student_steps(config),
-               guided=attention_guidance.is_active(config.sferd.attention_guidance),
+               guided=guided_teacher.is_active(config.sferd.attention_guidance),
                semantic_form=config.sferd.semantic.form, **step.fields(warmup))]
 
 

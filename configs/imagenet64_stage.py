@@ -22,8 +22,9 @@ def get_config():
       steps_per_call=10, log_every=100, checkpoint_every=5000, sample_every=25_000, start_num_steps=1024,
       end_num_steps=1)
   config.sferd.attention_guidance.enabled = True
-  config.sferd.semantic.update(stages=(-1,), latent_dim=256, encoder_ch=64)
-  config.sferd.latent.update(num_layers=10, width=1024, num_steps=100)
+  config.sferd.semantic.update(latent_dim=256, encoder_ch=64)  # predictors on the 1-, 2- and 4-step students
+  # PDAE's latent DPM: an MLPSkipNet of width 2048 and 10 layers.
+  config.sferd.latent.update(num_layers=10, width=2048, num_steps=100)
   config.semantic = config_lib.training_config(
       train_steps=50_000, batch_size=512, learning_rate=1e-4, steps_per_call=10, log_every=100,
       checkpoint_every=5000)

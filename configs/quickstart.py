@@ -26,7 +26,7 @@ def get_config():
       train_steps=150, batch_size=32, learning_rate=2e-4, loss='snr_trunc', log_every=50, checkpoint_every=150,
       start_num_steps=32, end_num_steps=1)
   config.sferd.attention_guidance.enabled = True
-  config.sferd.semantic.update(stages=(-1,), latent_dim=32, encoder_ch=16)
+  config.sferd.semantic.update(latent_dim=32, encoder_ch=16)
   config.sferd.latent.update(num_layers=4, width=128, num_steps=50)
   config.semantic = config_lib.training_config(
       train_steps=200, batch_size=32, learning_rate=1e-3, log_every=50, checkpoint_every=200)

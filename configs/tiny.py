@@ -20,7 +20,7 @@ def get_config():
   config.distill = config_lib.distill_config(
       train_steps=2, batch_size=8, learning_rate=1e-4, log_every=1, checkpoint_every=1, start_num_steps=4,
       end_num_steps=1)
-  config.sferd.semantic.update(latent_dim=8, encoder_ch=8)
+  config.sferd.semantic.update(stages=(-1,), latent_dim=8, encoder_ch=8)
   config.sferd.latent.update(num_layers=3, width=16, num_steps=4)
   config.semantic = config_lib.training_config(
       train_steps=2, batch_size=8, learning_rate=1e-4, log_every=1, checkpoint_every=1)

@@ -84,7 +84,7 @@ from sferd_jax import images as images_lib
 from sferd_jax import sampling
 from sferd_jax.diffusion import process
 from sferd_jax.models import unet
-from sferd_jax.sferd import attention_guidance
+from sferd_jax.sferd import guided_teacher
 from sferd_jax.training import checkpointing
 from sferd_jax.training import pipeline
 
@@ -225,7 +225,7 @@ its own samples, noised to log-SNR 0 (half signal, half noise).
 """
 
 ATTENTION = r"""model_config = teacher.config.model
-block = attention_guidance.guidance_block(model_config, config.sferd.attention_guidance)
+block = guided_teacher.guidance_block(model_config, config.sferd.attention_guidance)
 capturing = unet.make_unet(model_config, capture_attention=(block,))
 x = jnp.asarray(teacher_images, jnp.float32) / 127.5 - 1.0
 logsnr = jnp.zeros((NUM,))
@@ -234,8 +234,8 @@ labels = jnp.zeros((NUM,), jnp.int32) if model_config.num_classes else None
 _, state = capturing.apply({'params': teacher.params}, z, logsnr, labels, train=False, mutable=['intermediates'])
 probs = unet.attention_probs(state)[block]  # (batch, heads, queries, keys)
 side = int(np.sqrt(probs.shape[-1]))
-mass = np.asarray(attention_guidance.attention_mass(probs)).reshape(NUM, side, side)  # 1.0 = the average
-mask = np.asarray(attention_guidance.risky_mask(probs, image_hw=model_config.image_size,
+mass = np.asarray(guided_teacher.attention_mass(probs)).reshape(NUM, side, side)  # 1.0 = the average
+mask = np.asarray(guided_teacher.risky_mask(probs, image_hw=model_config.image_size,
                                                 threshold=config.sferd.attention_guidance['threshold']))
 
 fig, axes = plt.subplots(3, NUM, figsize=(NUM * 0.9, 3.0), squeeze=False)

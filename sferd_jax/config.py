@@ -124,7 +124,11 @@ def base_config():
   )
 
   config.sferd.semantic = dict(   # the semantic encoder E_phi and gradient predictor G_tau (SFERD.md §4)
-      stages=(-1,),           # distillation stages that get a predictor; negative counts from the end (-1 = last)
+      stages=_optional(tuple),  # distillation stages that get a predictor; negative counts from the end (-1 = last);
+                              # None = the last three (the 1-, 2- and 4-step students), or every stage of shorter runs
+      target='teacher_on_data',  # what the shifted student regresses (it must depend on x0 beyond z_t):
+                              # teacher_on_data (the official code) | x0 (PDAE) | pd (PD's target; a control)
+      stop_fraction=0.3,      # sampling: the last floor(stop_fraction * N) steps run unshifted (PDAE's 0.3)
       latent_dim=128,         # size of the semantic code z_sem
       encoder_ch=64,          # E_phi's first-stage channels (then 2x, 4x, 4x, ...)
       form='shift',           # shift: a modulated copy of the student's decoder on its frozen encoder features
@@ -141,6 +145,8 @@ def base_config():
       num_steps=100,          # DDIM steps to sample a code
   )
   # Training of E_phi and G_tau (student and teacher frozen), and of the latent model (PDAE's: AdamW 1e-3, wd 0.01).
+  # The semantic loss is PD's snr_trunc on the shifted x; the official code weights the x error by (1 + SNR)^2
+  # ((1 + SNR) inside the square), PDAE uses eps-MSE weighted by SNR^0.1 / (1 + SNR).
   config.semantic = training_config(train_steps=1000, batch_size=64, learning_rate=1e-4)
   config.latent = training_config(train_steps=1000, batch_size=128, learning_rate=1e-3, weight_decay=0.01,
                                   ema_decay=0.999, loss='eps_mse', grad_clip=1.0)
@@ -241,13 +247,14 @@ def validate(config):
     _fail('sample.sampler', f'must be one of {samplers.SAMPLERS}, got {config.sample.sampler!r}')
   if config.sample.num_samples < 1 or config.sample.batch_size < 1:
     _fail('sample', 'num_samples and batch_size must be >= 1')
-  from sferd_jax.sferd import attention_guidance  # pylint: disable=g-import-not-at-top
+  from sferd_jax.sferd import guided_teacher  # pylint: disable=g-import-not-at-top
   try:
-    attention_guidance.validate_config(config.sferd.attention_guidance, config.model)
+    guided_teacher.validate_config(config.sferd.attention_guidance, config.model)
   except ValueError as e:
     raise ConfigError(f'config.sferd.attention_guidance: {e}') from None
-  from sferd_jax.models import latent, semantic  # pylint: disable=g-import-not-at-top
-  for key, check in (('sferd.semantic', semantic.validate_semantic_config),
+  from sferd_jax.models import latent  # pylint: disable=g-import-not-at-top
+  from sferd_jax.sferd import semantic_predictor  # pylint: disable=g-import-not-at-top
+  for key, check in (('sferd.semantic', semantic_predictor.validate_config),
                      ('sferd.latent', latent.validate_latent_config)):
     try:
       check(config.sferd.semantic if key == 'sferd.semantic' else config.sferd.latent)
@@ -256,7 +263,7 @@ def validate(config):
   if config.sferd.semantic.init_from_student and config.sferd.semantic.form != 'shift':
     _fail('sferd.semantic.init_from_student', "copies the student's decoder, which only the 'shift' form mirrors")
   stages = num_stages(config)
-  for stage in config.sferd.semantic.stages:
+  for stage in config.sferd.semantic.stages or ():
     if not (1 <= stage <= stages or -stages <= stage <= -1):
       _fail('sferd.semantic.stages', f'stage {stage} does not exist: the run has stages 1..{stages} (or -1 for '
                                      f'the last)')
@@ -273,10 +280,16 @@ def validate(config):
   return config
 
 
+DEFAULT_SEMANTIC_STAGES = (-3, -2, -1)  # the 1-, 2- and 4-step students of a run that ends at 1 step
+
+
 def semantic_stages(config):
   """The distillation stages (1-based) that get a semantic gradient predictor."""
   n = num_stages(config)
-  return sorted({s if s > 0 else n + 1 + s for s in config.sferd.semantic.stages})
+  stages = config.sferd.semantic.stages
+  if stages is None:
+    stages = [s for s in DEFAULT_SEMANTIC_STAGES if s >= -n]
+  return sorted({s if s > 0 else n + 1 + s for s in stages})
 
 
 def num_stages(config):

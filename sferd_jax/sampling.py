@@ -21,7 +21,8 @@ from sferd_jax.models import denoiser
 from sferd_jax.models import latent
 from sferd_jax.models import semantic
 from sferd_jax.models import unet
-from sferd_jax.sferd import attention_guidance
+from sferd_jax.sferd import guided_teacher
+from sferd_jax.sferd import semantic_predictor
 from sferd_jax.training import checkpointing
 from sferd_jax.training import sharding
 
@@ -71,7 +72,7 @@ def _sampler(model_json, diffusion_json, guidance_json, semantic_json, sampler, 
   never recompiles for another step count."""
   model_config = ml_collections.ConfigDict(json.loads(model_json))
   diffusion_config = json.loads(diffusion_json)
-  make_denoise = attention_guidance.denoise_factory(model_config, json.loads(guidance_json))
+  make_denoise = guided_teacher.denoise_factory(model_config, json.loads(guidance_json))
   semantic_config = json.loads(semantic_json)
   mesh = sharding.make_mesh(jax.local_devices()[:num_devices])  # this process's devices only
   rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh, leading_axes=0)
@@ -82,29 +83,46 @@ def _sampler(model_json, diffusion_json, guidance_json, semantic_json, sampler, 
       denoise = make_denoise(params, labels)
     else:
       denoise = _shifted_denoise(model_config, diffusion_config, semantic_config, params, semantic_params, labels,
-                                 code_keys=code_keys)
+                                 code_keys=code_keys, num_steps=num_steps)
     return samplers.sample_loop(denoise_fn=denoise, z_init=z, num_steps=num_steps, rng=rng, sampler=sampler,
                                 clip_x=clip_x, **diffusion_config)
 
   return jax.jit(run, in_shardings=(rep, data, data, rep, rep, rep, data), out_shardings=data), mesh
 
 
-def _shifted_denoise(model_config, diffusion_config, semantic_config, params, semantic_params, labels, *, code_keys):
+def _shifted_denoise(model_config, diffusion_config, semantic_config, params, semantic_params, labels, *, code_keys,
+                     num_steps):
   """The student shifted by its gradient predictor, with a code z_sem per sample drawn from the latent model.
 
   semantic_params: {'predictor': G_tau, 'latent': the latent denoiser, 'stats': {'mean', 'std'}}.
-  code_keys: one key per sample; each code is drawn from its own key alone, so it does not depend on the batch.
+  code_keys: one key per sample; each code is drawn from its own key alone (and its label, for class-conditional
+  models), so it does not depend on the batch. The last floor(stop_fraction * num_steps) steps run unshifted.
   """
+  cfg = semantic_config['semantic']
+  z_sem = _draw_codes(model_config, diffusion_config, semantic_config, semantic_params, code_keys, labels)
+  _, predictor = semantic.make_semantic_models(model_config, cfg)
+  return semantic_predictor.shifted_denoise_fn(
+      student=unet.make_unet(model_config), student_params=params, output_type=model_config.output_type,
+      predictor=predictor, predictor_params=semantic_params['predictor'], z_sem=z_sem,
+      gradient_param=semantic_predictor.setting(cfg, 'gradient_param'), labels=labels, num_steps=num_steps,
+      stop_fraction=semantic_predictor.setting(cfg, 'stop_fraction'),
+      logsnr_fn=lambda t: schedules.cosine_logsnr(t, **diffusion_config))
+
+
+def _draw_codes(model_config, diffusion_config, semantic_config, semantic_params, code_keys, labels):
+  """One code (latent_dim,) per key from the latent model, of the key's label when the latent model has classes."""
   latent_config = semantic_config['latent']
-  model = latent.make_latent_model(latent_config)
-  z_sem = jax.vmap(lambda key: latent.sample_latents(
-      semantic_params['latent'], key, model=model, num_samples=1, dim=semantic_config['semantic']['latent_dim'],
-      num_steps=latent_config['num_steps'], stats=latent.LatentStats(**semantic_params['stats']),
-      **diffusion_config)[0])(code_keys)
-  _, predictor = semantic.make_semantic_models(model_config, semantic_config['semantic'])
-  return semantic.shifted_denoise_fn(student=unet.make_unet(model_config), student_params=params,
-                                     output_type=model_config.output_type, predictor=predictor,
-                                     predictor_params=semantic_params['predictor'], z_sem=z_sem, labels=labels)
+  num_classes = int(semantic_config.get('latent_num_classes', 0) or 0)
+  model = latent.make_latent_model(latent_config, num_classes=num_classes)
+  labels = labels if num_classes and labels is not None else jnp.zeros((code_keys.shape[0],), jnp.int32)
+
+  def draw(key, label):
+    return latent.sample_latents(
+        semantic_params['latent'], key, model=model, num_samples=1, dim=semantic_config['semantic']['latent_dim'],
+        num_steps=latent_config['num_steps'], stats=latent.LatentStats(**semantic_params['stats']),
+        labels=label[None] if num_classes else None, **diffusion_config)[0]
+
+  return jax.vmap(draw)(code_keys, labels)
 
 
 def sample_keys(rng, *, num_samples, first_index=0):
@@ -144,7 +162,7 @@ def sample(params, rng, *, model_config, num_samples, num_steps, labels=None, sa
   if labels.shape != (num_samples,):
     raise ValueError(f'labels must have shape ({num_samples},), got {labels.shape}')
   num_devices = jax.local_device_count()
-  guidance = guidance if guidance is not None and attention_guidance.is_active(guidance) else None
+  guidance = guidance if guidance is not None and guided_teacher.is_active(guidance) else None
   if guidance is not None and semantic is not None:
     raise ValueError('sampling with both attention guidance and the semantic predictor is not supported; '
                      'choose one')
@@ -169,6 +187,61 @@ def sample(params, rng, *, model_config, num_samples, num_steps, labels=None, sa
             code_keys)
     out.append(images_lib.to_uint8(jax.device_get(x))[:n])
   return np.concatenate(out)
+
+
+@functools.lru_cache(maxsize=8)
+def _sensitivity_fn(model_json, diffusion_json, semantic_json, num_samples, num_codes):
+  """The jitted measurement behind code_sensitivity, one per architecture, predictor and size."""
+  model_config = ml_collections.ConfigDict(json.loads(model_json))
+  diffusion_config, semantic_config = json.loads(diffusion_json), json.loads(semantic_json)
+  cfg = semantic_config['semantic']
+  _, predictor = semantic.make_semantic_models(model_config, cfg)
+  student = unet.make_unet(model_config)
+  shape = (num_samples, model_config.image_size, model_config.image_size, model_config.channels)
+
+  @jax.jit
+  def run(params, semantic_params, rng):
+    noise_rng, label_rng, code_rng = jax.random.split(rng, 3)
+    z = jax.random.normal(noise_rng, shape)
+    logsnr = jnp.full((num_samples,), schedules.cosine_logsnr(1.0, **diffusion_config))
+    labels = jax.random.randint(label_rng, (num_samples,), 0, max(model_config.num_classes, 1))
+    labels = denoiser.labels_or_none(model_config, labels)
+    pred, features = semantic_predictor.frozen_student(student, params, z, logsnr, labels,
+                                                       output_type=model_config.output_type)
+
+    def shifted_x(key):
+      z_sem = _draw_codes(model_config, diffusion_config, semantic_config, semantic_params,
+                          sample_keys(key, num_samples=num_samples), labels)
+      g = semantic_predictor.predict_gradient(
+          predictor, semantic_params['predictor'], z=z, logsnr=logsnr, z_sem=z_sem, features=features,
+          gradient_param=semantic_predictor.setting(cfg, 'gradient_param'))
+      return semantic_predictor.shift_x(x_hat=pred.x, g=g, logsnr=logsnr)
+
+    x_shifted = jnp.stack([shifted_x(jax.random.fold_in(code_rng, k)) for k in range(num_codes)])
+    return semantic_predictor.code_sensitivity(x_shifted, pred.x)
+
+  return run
+
+
+def code_sensitivity(model, rng, *, num_samples=256, num_codes=2):
+  """{'code_sensitivity', 'shift_rms'} of a Model's semantic predictor at its first sampling step (t = 1).
+
+  num_samples noise images z_1, each with num_codes codes drawn from the latent model (of the image's class, for
+  class-conditional models): the mean |x'(c_i) - x'(c_j)| over pairs of codes at the same z, and the RMS of the
+  shift x' - x_hat (x unclipped, images in [-1, 1]). At t = 1 the code is all that tells samples apart beyond the
+  noise: the step where a 1-step student needs it. Deterministic in rng.
+  """
+  if model.semantic is None:
+    raise ValueError(f'{model.path} has no semantic gradient predictor: run the semantic and latent phases for its '
+                     'stage')
+  if num_codes < 2:
+    raise ValueError(f'num_codes must be >= 2 to compare codes, got {num_codes}')
+  run = _sensitivity_fn(_frozen(model.config.model), _frozen(model.config.diffusion),
+                        _frozen(model.semantic.config), int(num_samples), int(num_codes))
+  semantic_params = sharding.host_local({'predictor': model.semantic.params['predictor'],
+                                         'latent': model.semantic.latent_params, 'stats': model.semantic.stats})
+  out = run(sharding.host_local(model.params), semantic_params, rng)
+  return {k: float(v) for k, v in jax.device_get(out).items()}
 
 
 def in_workdir(path, workdir):
@@ -227,7 +300,8 @@ def _load_semantic(stage_root, model_config, *, sharding=None):
     return None
   semantic_config = checkpointing.read_info(semantic_path)['semantic']
   latent_info = checkpointing.read_info(latent_path)
-  latent_model = latent.make_latent_model(latent_info['latent'])
+  num_classes = int(latent_info.get('num_classes', 0) or 0)  # absent from exports of unconditional latent models
+  latent_model = latent.make_latent_model(latent_info['latent'], num_classes=num_classes)
   dim = latent_info['latent_dim']
   latent_like = jax.eval_shape(lambda: latent.init_latent_params(latent_model, jax.random.key(0), dim=dim))
   stats_like = {k: jax.ShapeDtypeStruct((dim,), jnp.float32) for k in ('mean', 'std')}
@@ -235,7 +309,8 @@ def _load_semantic(stage_root, model_config, *, sharding=None):
       params=load_semantic_params(semantic_path, model_config, semantic_config, sharding=sharding),
       latent_params=checkpointing.load_tree(latent_path, 'params', latent_like, sharding=sharding),
       stats=checkpointing.load_tree(latent_path, 'stats', stats_like, sharding=sharding),
-      config=ml_collections.ConfigDict({'semantic': semantic_config, 'latent': latent_info['latent']}))
+      config=ml_collections.ConfigDict({'semantic': semantic_config, 'latent': latent_info['latent'],
+                                        'latent_num_classes': num_classes}))
 
 
 def load(path, *, sharding=None):

@@ -10,7 +10,7 @@ import pytest
 from sferd_jax import config as config_lib
 from sferd_jax import sampling
 from sferd_jax.models import unet
-from sferd_jax.sferd import attention_guidance
+from sferd_jax.sferd import guided_teacher
 from sferd_jax.training import checkpointing
 from sferd_jax.training import loop
 from sferd_jax.training import pipeline
@@ -93,7 +93,7 @@ def test_sharded_distill_step_equals_single_device(tiny_run):
   step = steps_lib.make_distill_step(model=model, model_config=config.model,
                                      diffusion_config=config.diffusion.to_dict(), train_config=config.distill, tx=tx,
                                      schedule=schedule,
-                                     teacher_fn=attention_guidance.denoise_factory(config.model, None))
+                                     teacher_fn=guided_teacher.denoise_factory(config.model, None))
   batch = pipeline.make_batches(config, config.distill).get(0, 2)
   init = lambda: pipeline.init_fn(config, config.distill, tx)(teacher)
   (one, m1), (four, m4) = (tiny.run_step_on(devices, step, init, batch, (teacher, np.int32(2)))

@@ -11,7 +11,7 @@ import pytest
 
 from sferd_jax import config as config_lib
 from sferd_jax.evaluation import fitting_error
-from sferd_jax.sferd import attention_guidance
+from sferd_jax.sferd import guided_teacher
 from sferd_jax.training import checkpointing
 import tiny
 
@@ -82,17 +82,17 @@ def test_one_attention_mass_for_the_maps_and_the_risky_mask():
   rng = np.random.default_rng(2)
   logits = rng.normal(size=(2, 3, 16, 16)) * 3
   probs = (np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)).astype(np.float32)
-  mass = np.asarray(attention_guidance.attention_mass(probs))
+  mass = np.asarray(guided_teacher.attention_mass(probs))
   np.testing.assert_allclose(mass, probs.mean(axis=1).sum(axis=1), rtol=1e-6)
   np.testing.assert_allclose(mass.mean(axis=1), 1.0, rtol=1e-6)  # T_query / T_key for self-attention
   maps = np.asarray(fitting_error.attention_mass_maps(probs, 8))
   np.testing.assert_array_equal(maps, np.repeat(np.repeat(mass.reshape(2, 4, 4), 2, axis=1), 2, axis=2))
   # The risky mask is the mass map above its threshold, pixel for pixel.
   for threshold in (0.8, 1.0, 1.3):
-    mask = np.asarray(attention_guidance.risky_mask(probs, image_hw=8, threshold=threshold))[..., 0]
+    mask = np.asarray(guided_teacher.risky_mask(probs, image_hw=8, threshold=threshold))[..., 0]
     np.testing.assert_array_equal(mask, (maps > threshold).astype(np.float32))
   with pytest.raises(AssertionError):
-    attention_guidance.attention_mass(probs[0])
+    guided_teacher.attention_mass(probs[0])
 
 
 def test_maps_plot_names_are_unique_per_level():

@@ -11,7 +11,7 @@ from sferd_jax.diffusion import distillation
 from sferd_jax.diffusion import schedules
 from sferd_jax.models import denoiser
 from sferd_jax.models import unet
-from sferd_jax.sferd import attention_guidance
+from sferd_jax.sferd import guided_teacher
 from sferd_jax.training import pipeline
 from sferd_jax.training import state as state_lib
 from sferd_jax.training import steps as steps_lib
@@ -57,7 +57,7 @@ def _count_applies(monkeypatch):
 
 def _target(config, params, guidance):
   z, i = _inputs(config)
-  teacher = attention_guidance.denoise_factory(config.model, guidance)(params, None)
+  teacher = guided_teacher.denoise_factory(config.model, guidance)(params, None)
   return distillation.student_target(teacher_fn=teacher, z=z, i=i, num_steps=4,
                                      logsnr_fn=schedules.cosine_logsnr)
 
@@ -95,7 +95,7 @@ def test_guided_distill_step_sharded_equals_single_device(params):
   step = steps_lib.make_distill_step(
       model=model, model_config=config.model, diffusion_config=config.diffusion.to_dict(),
       train_config=config.distill, tx=tx, schedule=schedule,
-      teacher_fn=attention_guidance.denoise_factory(config.model, config.sferd.attention_guidance))
+      teacher_fn=guided_teacher.denoise_factory(config.model, config.sferd.attention_guidance))
   batch = pipeline.make_batches(config, config.distill).get(0, 1)
   init = lambda: pipeline.init_fn(config, config.distill, tx)(params)
   (one, m1), (four, m4) = (tiny.run_step_on(devices, step, init, batch, (params, np.int32(2)))
@@ -126,5 +126,5 @@ def test_guidance_config_is_validated():
                               ('sigma', 0.0, 'sigma')):
     with pytest.raises(config_lib.ConfigError, match=message):
       config_lib.validate(_guided_config(**{f'sferd.attention_guidance.{key}': value}))
-  assert attention_guidance.guidance_block(tiny.load_config().model, tiny.load_config().sferd.attention_guidance) \
+  assert guided_teacher.guidance_block(tiny.load_config().model, tiny.load_config().sferd.attention_guidance) \
       == unet.default_guidance_block(tiny.load_config().model)

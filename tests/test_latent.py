@@ -1,7 +1,10 @@
 """The latent diffusion over semantic codes: statistics, the MLPSkipNet denoiser, its loss and its sampler."""
 
 import functools
+from typing import Any
 
+import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -9,7 +12,12 @@ import numpy as np
 import optax
 import pytest
 
+from sferd_jax import config as config_lib
 from sferd_jax.models import latent
+from sferd_jax.models import layers
+from sferd_jax.training import pipeline
+from sferd_jax.training import state as state_lib
+from sferd_jax.training import steps as steps_lib
 
 _jit = functools.partial(jax.jit, compiler_options={'xla_backend_optimization_level': 0})
 DIM = 8
@@ -156,3 +164,158 @@ def test_config_entry_point():
       latent.make_latent_model({**latent.LATENT_DEFAULTS, key: value})
   with pytest.raises(ValueError, match=r"lacks \['num_steps'\]"):
     latent.make_latent_model(dict(num_layers=4, width=8))
+
+
+class _UnconditionalMLPSkipNet(nn.Module):
+  """MLPSkipNet as it was before num_classes (verbatim): the reference that num_classes=0 must still equal."""
+  num_layers: int = 10
+  width: int = 512
+  time_emb_dim: int = 64
+  output_type: str = 'v'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, logsnr):
+    batch, dim = x.shape
+    chex.assert_shape(logsnr, (batch,))
+    dtype = jnp.dtype(self.dtype)
+    dense = lambda features, name, **kw: nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name, **kw)
+    emb = layers.timestep_embedding(layers.inv_cos(logsnr), dim=self.time_emb_dim)
+    emb = nn.swish(dense(self.width, 'time_dense1')(nn.swish(dense(self.width, 'time_dense0')(emb))))
+    x = x.astype(dtype)
+    h = x
+    for i in range(self.num_layers - 1):
+      if i > 0:
+        h = jnp.concatenate([h, x], axis=-1)
+      h = dense(self.width, f'dense{i}')(h)
+      h = nn.LayerNorm(dtype=jnp.float32, param_dtype=jnp.float32, name=f'norm{i}')(h.astype(jnp.float32))
+      scale, shift = jnp.split(dense(2 * self.width, f'film{i}')(emb).astype(jnp.float32), 2, axis=-1)
+      h = nn.swish(h * (1 + scale) + shift).astype(dtype)
+    out = dense(dim, 'out', kernel_init=nn.initializers.zeros)(jnp.concatenate([h, x], axis=-1))
+    return out.astype(jnp.float32)
+
+
+def _random_out(params, seed=5):
+  """params with random output weights, so that the denoiser is not the zero function of init."""
+  kernel = 0.1 * jax.random.normal(jax.random.key(seed), params['out']['kernel'].shape)
+  return {**params, 'out': {'kernel': kernel, 'bias': params['out']['bias']}}
+
+
+def test_unconditional_model_is_unchanged_by_num_classes():
+  """num_classes=0: the parameter tree (names, shapes, init values) and outputs of the model before num_classes,
+  so that its exports still load; a conditional model adds only 'class_emb'."""
+  config = dict(num_layers=4, width=32, num_steps=10)
+  model = latent.make_latent_model(config)
+  assert model.num_classes == 0
+  legacy = _UnconditionalMLPSkipNet(num_layers=4, width=32)
+  params = _init(model)
+  legacy_params = _jit(lambda key: legacy.init(key, jnp.zeros((1, DIM)), jnp.zeros((1,)))['params'])(
+      jax.random.key(0))
+  chex.assert_trees_all_equal(params, legacy_params)  # the same keys, shapes and values
+  params = _random_out(params)
+  x, logsnr = jax.random.normal(jax.random.key(1), (6, DIM)), jnp.linspace(-20.0, 20.0, 6)
+  out = _jit(lambda p: model.apply({'params': p}, x, logsnr))(params)
+  np.testing.assert_array_equal(out, _jit(lambda p: legacy.apply({'params': p}, x, logsnr))(params))
+  assert np.any(out)
+  # The loss and the sampler, labels=None by default, are the unconditional ones.
+  np.testing.assert_array_equal(latent.denoise(model, params, x, logsnr).v,
+                                latent.denoise(model, params, x, logsnr, labels=None).v)
+
+  conditional = latent.make_latent_model(config, num_classes=3)
+  cond_params = _init(conditional)
+  assert set(cond_params) == set(params) | {'class_emb'}
+  assert cond_params['class_emb']['embedding'].shape == (3, 32)
+  chex.assert_trees_all_equal_shapes({k: v for k, v in cond_params.items() if k != 'class_emb'}, params)
+
+
+def test_conditional_output_depends_on_the_label():
+  model = _model(width=32, num_classes=3)
+  params = _random_out(_init(model))
+  x, logsnr = jax.random.normal(jax.random.key(1), (4, DIM)), jnp.array([-5.0, 0.0, 2.0, 8.0])
+  apply = _jit(lambda p, labels: model.apply({'params': p}, x, logsnr, labels))
+  a = apply(params, jnp.zeros((4,), jnp.int32))
+  b = apply(params, jnp.array([1, 2, 1, 2], jnp.int32))
+  assert a.shape == (4, DIM) and np.all(np.isfinite(a)) and np.all(np.isfinite(b))
+  assert np.all(np.abs(np.asarray(a) - np.asarray(b)).max(axis=-1) > 1e-4)  # every row changes with its label
+  np.testing.assert_array_equal(a, apply(params, jnp.zeros((4,), jnp.int32)))
+  # Per sample: a row's output depends on its own label only.
+  mixed = apply(params, jnp.array([0, 0, 1, 2], jnp.int32))
+  np.testing.assert_allclose(mixed[:2], a[:2], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(mixed[2:], b[2:], rtol=1e-6, atol=1e-6)
+  # The loss and the sampler take labels too, traced under jit.
+  loss = _jit(lambda p, labels: latent.latent_loss(p, model=model, codes=x, rng=jax.random.key(2), labels=labels))
+  assert float(loss(params, jnp.zeros((4,), jnp.int32))) != float(loss(params, jnp.full((4,), 2, jnp.int32)))
+  sample = _jit(lambda p, labels: latent.sample_latents(p, jax.random.key(3), model=model, num_samples=4, dim=DIM,
+                                                        num_steps=5, labels=labels))
+  assert not np.allclose(sample(params, jnp.zeros((4,), jnp.int32)), sample(params, jnp.ones((4,), jnp.int32)))
+
+
+def test_missing_or_unexpected_labels_raise():
+  x, logsnr = jnp.zeros((2, DIM)), jnp.zeros((2,))
+  conditional, unconditional = _model(width=8, num_classes=2), _model(width=8)
+  with pytest.raises(ValueError, match='class-conditional'):
+    jax.eval_shape(conditional.init, jax.random.key(0), x, logsnr)
+  with pytest.raises(ValueError, match='unconditional'):
+    jax.eval_shape(unconditional.init, jax.random.key(0), x, logsnr, jnp.zeros((2,), jnp.int32))
+  params, cond_params = _init(unconditional), _init(conditional)
+  with pytest.raises(ValueError, match='class-conditional'):
+    latent.latent_loss(cond_params, model=conditional, codes=x, rng=jax.random.key(1))
+  with pytest.raises(ValueError, match='unconditional'):
+    latent.latent_loss(params, model=unconditional, codes=x, rng=jax.random.key(1), labels=jnp.zeros((2,), int))
+  with pytest.raises(ValueError, match='class-conditional'):
+    latent.sample_latents(cond_params, jax.random.key(1), model=conditional, num_samples=2, dim=DIM, num_steps=2)
+  with pytest.raises(AssertionError):  # chex: labels of the wrong shape
+    latent.sample_latents(cond_params, jax.random.key(1), model=conditional, num_samples=2, dim=DIM, num_steps=2,
+                          labels=jnp.zeros((3,), jnp.int32))
+  with pytest.raises(ValueError, match='num_classes'):
+    latent.make_latent_model(latent.LATENT_DEFAULTS, num_classes=-1)
+
+
+def test_code_batches_carry_labels():
+  codes = np.arange(40, dtype=np.float32).reshape(20, 2)
+  labels = np.arange(20) % 3
+  batch = pipeline.CodeBatches(codes, global_batch_size=4, seed=0, labels=labels).get(3, num_steps=2)
+  assert batch['image'].shape == (2, 4, 2) and batch['label'].shape == (2, 4) and batch['label'].dtype == np.int32
+  np.testing.assert_array_equal(batch['label'], labels[(batch['image'][..., 0] / 2).astype(int)])  # row i: 2i
+  unlabelled = pipeline.CodeBatches(codes, global_batch_size=4, seed=0).get(3, num_steps=2)
+  np.testing.assert_array_equal(unlabelled['image'], batch['image'])
+  assert not np.any(unlabelled['label'])
+  with pytest.raises(ValueError, match='labels'):
+    pipeline.CodeBatches(codes, global_batch_size=4, seed=0, labels=labels[:5])
+
+
+def test_conditional_training_samples_each_class():
+  """Two classes of 4-D codes centred at +3 and -3 on axis 0 (statistics over both): after training through the
+  latent phase's CodeBatches and make_latent_step, codes sampled with label 0 land at +3 and with label 1 at -3."""
+  n, dim, num_steps = 1024, 4, 300
+  rng = np.random.default_rng(0)
+  labels = np.arange(n) % 2
+  codes = 0.5 * rng.normal(size=(n, dim)) + 1.0
+  codes[:, 0] += np.where(labels == 0, 3.0, -3.0)
+  stats = latent.latent_statistics(codes)  # over all codes: class 0's mean is not 0 after normalising
+  batches = pipeline.CodeBatches(np.asarray(latent.normalize(codes, stats)), global_batch_size=128, seed=0,
+                                 labels=labels).get(0, num_steps)
+  model = latent.make_latent_model(dict(num_layers=3, width=64, num_steps=20), num_classes=2)
+  train_config = config_lib.training_config(train_steps=num_steps, batch_size=128, learning_rate=3e-3,
+                                            loss='eps_mse')
+  tx, schedule = state_lib.make_optimizer(train_config.optimizer, train_config.train_steps)
+  step = steps_lib.make_latent_step(model=model, diffusion_config={}, train_config=train_config, tx=tx,
+                                    schedule=schedule)
+
+  @_jit
+  def train(key):
+    state = state_lib.TrainState.create(params=latent.init_latent_params(model, key, dim=dim), tx=tx, ema_decay=0.0)
+    return jax.lax.scan(lambda s, b: step(s, b, jax.random.key(1)), state, batches)
+
+  state, metrics = train(jax.random.key(0))
+  assert np.all(np.isfinite(metrics['loss']))
+  assert float(metrics['loss'][-50:].mean()) < float(metrics['loss'][:50].mean())
+
+  sample = _jit(lambda p, labels: latent.sample_latents(p, jax.random.key(7), model=model, num_samples=256,
+                                                        dim=dim, num_steps=20, stats=stats, labels=labels))
+  for label, centre in [(0, 3.0), (1, -3.0)]:
+    samples = np.asarray(sample(state.params, jnp.full((256,), label, jnp.int32)))
+    assert abs(samples[:, 0].mean() - (centre + 1.0)) < 0.5, (label, samples[:, 0].mean())
+    assert np.mean(np.sign(samples[:, 0] - 1.0) == np.sign(centre)) > 0.95, label  # on the class's side
+    assert 0.3 < samples[:, 0].std() < 0.8, (label, samples[:, 0].std())  # one mode of std 0.5, not both
+    np.testing.assert_allclose(samples[:, 1:].mean(axis=0), 1.0, atol=0.4)

@@ -13,7 +13,7 @@ from sferd_jax.diffusion import process
 from sferd_jax.diffusion import samplers
 from sferd_jax.models import semantic
 from sferd_jax.models import unet
-from sferd_jax.sferd import semantic_gradient as sg
+from sferd_jax.sferd import semantic_predictor as sg
 
 # One compile of a whole forward beats eager's compile of every op on a busy CPU; the code's speed is moot here.
 _jit = functools.partial(jax.jit, compiler_options={'xla_backend_optimization_level': 0})
@@ -61,8 +61,9 @@ class _Setup:
   def __init__(self, batch=3, **semantic_overrides):
     self.model_config = _model_config()
     self.student = unet.make_unet(self.model_config)
-    self.encoder, self.predictor = semantic.make_semantic_models(self.model_config,
-                                                                 _semantic_config(**semantic_overrides))
+    semantic_config = _semantic_config(**semantic_overrides)
+    self.encoder, self.predictor = semantic.make_semantic_models(self.model_config, semantic_config)
+    self.gradient_param = semantic_config.gradient_param
     size, channels = self.model_config.image_size, self.model_config.channels
     z0 = jnp.zeros((1, size, size, channels))
     self.student_params = _random_like(jax.eval_shape(
@@ -92,11 +93,11 @@ def _forward(setup):
 
   @_jit
   def forward(semantic_params, x0):
-    pred, features = semantic.frozen_student(setup.student, setup.student_params, setup.z, setup.logsnr,
-                                             output_type=setup.model_config.output_type)
+    pred, features = sg.frozen_student(setup.student, setup.student_params, setup.z, setup.logsnr,
+                                       output_type=setup.model_config.output_type)
     z_sem = setup.encoder.apply({'params': semantic_params['encoder']}, x0)
-    g = semantic.predict_gradient(setup.predictor, semantic_params['predictor'], z=setup.z, logsnr=setup.logsnr,
-                                  z_sem=z_sem, features=features)
+    g = sg.predict_gradient(setup.predictor, semantic_params['predictor'], z=setup.z, logsnr=setup.logsnr,
+                            z_sem=z_sem, features=features, gradient_param=setup.gradient_param)
     return pred, z_sem, g, sg.shifted_prediction(pred=pred, g=g, z=setup.z, logsnr=setup.logsnr)
 
   return forward
@@ -220,8 +221,9 @@ def test_shift_decoder_mirrors_the_students_decoder():
                                  method=unet.UNet.encode)
   student_out = _jit(lambda: setup.student.apply({'params': setup.student_params}, setup.z, setup.logsnr,
                                                  train=False))()
-  g = _jit(lambda: semantic.predict_gradient(setup.predictor, warm, z=setup.z, logsnr=setup.logsnr,
-                                             z_sem=jnp.ones((setup.z.shape[0], 6)), features=features))()
+  g = _jit(lambda: sg.predict_gradient(setup.predictor, warm, z=setup.z, logsnr=setup.logsnr,
+                                       z_sem=jnp.ones((setup.z.shape[0], 6)), features=features,
+                                       gradient_param='score'))()
   assert float(jnp.abs(student_out).max()) > 0.1
   np.testing.assert_allclose(g, student_out, atol=1e-5)
 
@@ -229,8 +231,8 @@ def test_shift_decoder_mirrors_the_students_decoder():
 def test_shift_predictor_needs_features():
   setup = _setup()
   with pytest.raises(ValueError, match='features'):
-    semantic.predict_gradient(setup.predictor, setup.semantic_params['predictor'], z=setup.z, logsnr=setup.logsnr,
-                              z_sem=jnp.zeros((3, 6)))
+    sg.predict_gradient(setup.predictor, setup.semantic_params['predictor'], z=setup.z, logsnr=setup.logsnr,
+                        z_sem=jnp.zeros((3, 6)), gradient_param='x_shift')
 
 
 # The 'separate' form.
@@ -246,9 +248,10 @@ def test_separate_form_shapes_zero_init_and_dependence_on_z_sem():
   z = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
   logsnr = jnp.array([-20.0, 2.0])
 
-  @functools.partial(_jit, static_argnums=0)
-  def grad_fn(predictor, predictor_params, z_sem):
-    return semantic.predict_gradient(predictor, predictor_params, z=z, logsnr=logsnr, z_sem=z_sem)
+  @functools.partial(_jit, static_argnums=(0, 3))
+  def grad_fn(predictor, predictor_params, z_sem, gradient_param='x_shift'):
+    return sg.predict_gradient(predictor, predictor_params, z=z, logsnr=logsnr, z_sem=z_sem,
+                               gradient_param=gradient_param)
 
   z_sem = jax.random.normal(jax.random.key(2), (2, 6))
   g = grad_fn(predictor, params['predictor'], z_sem)
@@ -258,9 +261,8 @@ def test_separate_form_shapes_zero_init_and_dependence_on_z_sem():
   g = grad_fn(predictor, perturbed, z_sem)
   assert np.all(np.abs(g).reshape(2, -1).max(axis=1) > 0)
   assert not np.allclose(g, grad_fn(predictor, perturbed, -z_sem))
-  score = predictor.clone(gradient_param='score')
   np.testing.assert_allclose(g * sg.shift_coefficient(logsnr)[:, None, None, None],
-                             grad_fn(score, perturbed, z_sem), rtol=1e-5, atol=1e-6)
+                             grad_fn(predictor, perturbed, z_sem, 'score'), rtol=1e-5, atol=1e-6)
 
 
 # The shift maths.
@@ -348,9 +350,9 @@ def test_semantic_loss_trains_only_the_semantic_params():
 
   @_jit
   def loss_and_grads(semantic_params, student_params):
-    fn = functools.partial(semantic.model_semantic_loss, encoder=setup.encoder, predictor=setup.predictor,
+    fn = functools.partial(sg.model_semantic_loss, encoder=setup.encoder, predictor=setup.predictor,
                            student=setup.student, output_type=setup.model_config.output_type, x0=setup.x0, z=setup.z,
-                           logsnr=setup.logsnr, target=setup.target)
+                           logsnr=setup.logsnr, target=setup.target, gradient_param=setup.gradient_param)
     return jax.value_and_grad(fn, argnums=(0, 1), has_aux=True)(semantic_params, student_params)
 
   # At initialisation (g = 0) the semantic loss is the plain student's distillation loss, exactly.
@@ -380,12 +382,12 @@ def test_semantic_loss_trains_only_the_semantic_params():
 def test_shifted_sampler_with_zero_output_samples_like_the_student():
   setup = _setup()
   z_sem = jnp.zeros((3, 6))
-  shifted_fn = semantic.shifted_denoise_fn(
+  shifted_fn = sg.shifted_denoise_fn(
       student=setup.student, student_params=setup.student_params, output_type='v', predictor=setup.predictor,
-      predictor_params=setup.semantic_params['predictor'], z_sem=z_sem)
+      predictor_params=setup.semantic_params['predictor'], z_sem=z_sem, gradient_param='x_shift')
 
   def plain_fn(z, logsnr):
-    return semantic.frozen_student(setup.student, setup.student_params, z, logsnr, output_type='v')[0]
+    return sg.frozen_student(setup.student, setup.student_params, z, logsnr, output_type='v')[0]
 
   @_jit
   def both(z_init):
@@ -407,15 +409,19 @@ def test_config_entry_point_reads_every_key_and_validates():
   assert (encoder.latent_dim, encoder.ch, encoder.image_size) == (6, 8, 8) and encoder.dtype == jnp.bfloat16
   assert isinstance(predictor, semantic.ShiftDecoder) and predictor.out_channels == 3
   assert predictor.ch_mult == (1, 2) and predictor.attn_resolutions == (4,) and predictor.resblock_resample
-  assert predictor.gradient_param == 'x_shift'
-  assert set(semantic.SEMANTIC_MODEL_KEYS) == set(config.keys()) == set(semantic.SEMANTIC_DEFAULTS)
+  assert set(semantic.SEMANTIC_MODEL_KEYS) | {'gradient_param'} == set(config.keys())
+  assert set(semantic.SEMANTIC_MODEL_KEYS) == set(semantic.SEMANTIC_DEFAULTS)
   # 'both' students still get a g of the image's shape.
   _, predictor = semantic.make_semantic_models(_model_config(output_type='both'), config)
   assert predictor.out_channels == 3
-  # gradient_param may be left out.
-  without = {k: v for k, v in semantic.SEMANTIC_DEFAULTS.items() if k != 'gradient_param'}
-  assert semantic.make_semantic_models(_model_config(), without)[1].gradient_param == 'x_shift'
-  for overrides, message in [(dict(form='both'), 'semantic.form'), (dict(gradient_param='eps'), 'gradient_param'),
+  # The settings semantic_predictor reads may be left out (exports older than them): their defaults apply.
+  assert sg.setting(semantic.SEMANTIC_DEFAULTS, 'gradient_param') == 'x_shift'
+  assert sg.setting(semantic.SEMANTIC_DEFAULTS, 'target') == 'teacher_on_data'
+  for overrides, message in [(dict(gradient_param='eps'), 'gradient_param'), (dict(target='x1'), 'target'),
+                             (dict(stop_fraction=1.0), 'stop_fraction')]:
+    with pytest.raises(ValueError, match=message):
+      sg.validate_config(_semantic_config(**overrides))
+  for overrides, message in [(dict(form='both'), 'semantic.form'),
                              (dict(encoder_ch=6), 'encoder_ch'), (dict(separate_ch=0), 'separate_ch'),
                              (dict(latent_dim=0), 'latent_dim')]:
     with pytest.raises(ValueError, match=message):

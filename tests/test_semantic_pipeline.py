@@ -12,7 +12,7 @@ from sferd_jax import images as images_lib
 from sferd_jax import sampling
 from sferd_jax.models import semantic as semantic_lib
 from sferd_jax.models import unet
-from sferd_jax.sferd import attention_guidance
+from sferd_jax.sferd import guided_teacher
 from sferd_jax.training import checkpointing
 from sferd_jax.training import pipeline
 from sferd_jax.training import state as state_lib
@@ -131,8 +131,8 @@ def test_sharded_semantic_step_equals_single_device(tiny_run):
   tx, schedule = state_lib.make_optimizer(config.semantic.optimizer, config.semantic.train_steps)
   step = steps_lib.make_semantic_step(
       student=unet.make_unet(config.model), encoder=encoder, predictor=predictor, model_config=config.model,
-      diffusion_config=config.diffusion.to_dict(), train_config=config.semantic, tx=tx, schedule=schedule,
-      teacher_fn=attention_guidance.denoise_factory(config.model, None))
+      semantic_config=config.sferd.semantic, diffusion_config=config.diffusion.to_dict(), train_config=config.semantic,
+      tx=tx, schedule=schedule, teacher_fn=guided_teacher.denoise_factory(config.model, None))
   params = student.semantic.params  # trained, so g != 0 and both parts get gradients
   batch = pipeline.make_batches(config, config.semantic).get(0, 1)
   init = lambda: state_lib.TrainState.create(params=params, tx=tx, ema_decay=0.0)
@@ -143,6 +143,7 @@ def test_sharded_semantic_step_equals_single_device(tiny_run):
     assert not np.array_equal(params[part][layer]['kernel'], one.params[part][layer]['kernel']), (part, layer)
   np.testing.assert_allclose(m1['loss'], m4['loss'], rtol=1e-5)
   np.testing.assert_allclose(m1['student_loss'], m4['student_loss'], rtol=1e-5)
+  np.testing.assert_allclose(m1['code_sensitivity'], m4['code_sensitivity'], rtol=1e-4)
   # Adam's first update is ~lr * sign(g): agreement to a fraction of one step (see test_guided_distill).
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=2e-5), one.params, four.params)
 
@@ -162,9 +163,10 @@ def test_encode_dataset_in_batches_equals_encoding_all_images_at_once():
   encoder, predictor = semantic_lib.make_semantic_models(config.model, config.sferd.semantic)
   params = jax.jit(lambda key: semantic_lib.init_semantic_params(encoder, predictor, key,
                                                                  model_config=config.model))(jax.random.key(0))
-  codes = pipeline.encode_dataset(config, encoder, params['encoder'], batch_size=500)  # 1797 = 3 x 500 + 297
+  codes, labels = pipeline.encode_dataset(config, encoder, params['encoder'], batch_size=500)  # 3 x 500 + 297
   source = data_lib.load_source(data_lib.data_config(config))
-  images, _ = source.read(np.arange(len(source)))
+  images, expected_labels = source.read(np.arange(len(source)))
+  np.testing.assert_array_equal(labels, expected_labels)
   expected = encoder.apply({'params': params['encoder']}, images_lib.from_uint8(images))
   assert codes.shape == (len(source), config.sferd.semantic.latent_dim)
   np.testing.assert_allclose(codes, expected, rtol=1e-4, atol=1e-5)

@@ -226,7 +226,7 @@ def test_attention_token_order_matches_the_risky_mask():
   """A block whose every query attends to one grid cell: risky_mask marks exactly that cell's pixels, so the
   U-Net's (h, w) -> token order and the mask's token -> (h, w) order agree."""
   from sferd_jax.models import layers  # pylint: disable=g-import-not-at-top
-  from sferd_jax.sferd import attention_guidance  # pylint: disable=g-import-not-at-top
+  from sferd_jax.sferd import guided_teacher  # pylint: disable=g-import-not-at-top
   block = layers.AttnBlock(num_heads=1, capture=True)
   y0, x0 = 1, 3  # asymmetric, so a transposed reshape would mark (3, 1)
   h = jnp.zeros((1, 4, 4, 8)).at[0, y0, x0, 0].set(10.0)
@@ -234,7 +234,7 @@ def test_attention_token_order_matches_the_risky_mask():
   params = dict(params, q={'kernel': jnp.zeros_like(params['q']['kernel']), 'bias': jnp.ones_like(params['q']['bias'])},
                 k={'kernel': jnp.zeros_like(params['k']['kernel']).at[0].set(5.0), 'bias': params['k']['bias']})
   _, state = jax.jit(lambda p, h: block.apply({'params': p}, h, mutable=['intermediates']))(params, h)
-  mask = attention_guidance.risky_mask(state['intermediates']['attention_probs'][0], image_hw=(8, 8))[0, ..., 0]
+  mask = guided_teacher.risky_mask(state['intermediates']['attention_probs'][0], image_hw=(8, 8))[0, ..., 0]
   expected = np.zeros((8, 8))
   expected[2 * y0:2 * y0 + 2, 2 * x0:2 * x0 + 2] = 1
   np.testing.assert_array_equal(mask, expected)

@@ -35,7 +35,7 @@ from sferd_jax.diffusion import process
 from sferd_jax.diffusion import schedules
 from sferd_jax.models import denoiser
 from sferd_jax.models import unet
-from sferd_jax.sferd import attention_guidance
+from sferd_jax.sferd import guided_teacher
 
 ANALYZE_DIR = 'analyze'
 EXAMPLE_IMAGES = 8  # columns of the maps figures
@@ -67,7 +67,7 @@ def bias_variance(x0, x_hats):
 def attention_mass_maps(probs, image_hw):
   """(B, heads, T_query, T_key) attention over a square grid -> (B, H, W) mass maps, nearest-upsampled.
 
-  The mass of a key is attention_guidance.attention_mass: the guidance's risky mask before its threshold.
+  The mass of a key is guided_teacher.attention_mass: the guidance's risky mask before its threshold.
   Works under jit.
   """
   chex.assert_rank(probs, 4)
@@ -76,7 +76,7 @@ def attention_mass_maps(probs, image_hw):
   height, width = (image_hw, image_hw) if isinstance(image_hw, int) else tuple(image_hw)
   if side * side != num_keys or height % side or width % side:
     raise ValueError(f'{num_keys} keys are not a square grid that divides the {height}x{width} image')
-  mass = attention_guidance.attention_mass(probs).reshape(batch, side, side)
+  mass = guided_teacher.attention_mass(probs).reshape(batch, side, side)
   return jnp.repeat(jnp.repeat(mass, height // side, axis=1), width // side, axis=2)
 
 

@@ -1,11 +1,12 @@
 """The latent diffusion over normalised semantic codes, for sampling z_sem without a real image (SFERD.md §4).
 
     stats = latent_statistics(codes)                      # codes = E_phi(x0) over the dataset, (N, D)
-    model = make_latent_model(config.latent)
+    model = make_latent_model(config.latent, num_classes=config.model.num_classes)   # 0: unconditional
     params = jax.jit(functools.partial(init_latent_params, model, dim=D))(rng)
-    loss = latent_loss(params, model=model, codes=normalize(batch_codes, stats), rng=rng)
+    loss = latent_loss(params, model=model, codes=normalize(batch_codes, stats), rng=rng,
+                       labels=batch_labels)              # labels (B,) int when num_classes > 0, else None
     z_sem = sample_latents(params, rng, model=model, num_samples=64, dim=D, num_steps=config.latent.num_steps,
-                           stats=stats)                  # de-normalised, ready for the gradient predictor
+                           stats=stats, labels=labels)   # de-normalised, ready for the gradient predictor
 
 PDAE's latent DPM (an MLP with skip connections, on codes normalised by the dataset's mean and std) in this
 project's continuous-time maths: the cosine log-SNR schedule, diffuse/predict from diffusion/process.py and the
@@ -17,6 +18,9 @@ and the first DDIM step's x = (z - sigma eps_hat) / alpha multiplies the eps err
 to rescue it). On an 8-D 4-mode Gaussian mixture (4-layer net, 3000 Adam steps), eps-output samples landed a median
 ~3600 away from the nearest mode with either eps or v loss; v-output samples 0.8 away, as the data, with eps_mse,
 v_mse or snr_trunc loss alike.
+
+For class-conditional image models (num_classes > 0) the latent model is class-conditional too, so that a code
+drawn with label y is a code of class y (the image model is then sampled with the same labels).
 """
 
 from typing import Any, NamedTuple
@@ -72,17 +76,26 @@ class MLPSkipNet(nn.Module):
   the input of every layer after the first (the skip connections). The noise level enters as the U-Net's does:
   t = inv_cos(logsnr) in [0, 1], sinusoids of time_emb_dim, a 2-layer MLP. PDAE multiplies by (1 + cond) before its
   LayerNorm; here FiLM (scale and shift) acts after it, where the norm cannot undo the scale.
+
+  num_classes > 0: class-conditional. A class embedding of labels (B,) int is added to the noise-level embedding
+  that drives every FiLM layer, as the U-Net adds its class embedding to its time embedding. num_classes = 0 has
+  no 'class_emb' parameter and takes labels=None.
   """
   num_layers: int = 10
   width: int = 512
   time_emb_dim: int = 64
   output_type: str = 'v'  # 'v' or 'eps' (see the module docstring for why v)
+  num_classes: int = 0    # 0 = unconditional
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, logsnr):
+  def __call__(self, x, logsnr, labels=None):
     batch, dim = x.shape
     chex.assert_shape(logsnr, (batch,))
+    if self.num_classes > 0 and labels is None:
+      raise ValueError(f'this latent model is class-conditional (num_classes={self.num_classes}): pass labels (B,)')
+    if self.num_classes <= 0 and labels is not None:
+      raise ValueError('this latent model is unconditional (num_classes=0): pass labels=None')
     if self.num_layers < 2:
       raise ValueError(f'MLPSkipNet needs num_layers >= 2 (hidden layers + the output layer), got {self.num_layers}')
     if self.output_type not in ('v', 'eps', 'x'):
@@ -91,6 +104,11 @@ class MLPSkipNet(nn.Module):
     dense = lambda features, name, **kw: nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name, **kw)
     emb = layers.timestep_embedding(layers.inv_cos(logsnr), dim=self.time_emb_dim)
     emb = nn.swish(dense(self.width, 'time_dense1')(nn.swish(dense(self.width, 'time_dense0')(emb))))
+    if self.num_classes > 0:
+      chex.assert_shape(labels, (batch,))
+      # Added after the time MLP, so that num_classes=0 keeps the unconditional model's params and outputs.
+      emb = emb + nn.Embed(self.num_classes, self.width, dtype=dtype, param_dtype=jnp.float32,
+                           name='class_emb')(labels)
     x = x.astype(dtype)
     h = x
     for i in range(self.num_layers - 1):
@@ -104,15 +122,17 @@ class MLPSkipNet(nn.Module):
     return out.astype(jnp.float32)
 
 
-def denoise(model, params, z, logsnr):
-  """The latent model's Prediction(x, eps, v) of normalised codes at (z, logsnr)."""
-  out = model.apply({'params': params}, z, logsnr)
+def denoise(model, params, z, logsnr, *, labels=None):
+  """The latent model's Prediction(x, eps, v) of normalised codes at (z, logsnr), of class labels (B,) int for a
+  class-conditional model (None for an unconditional one)."""
+  out = model.apply({'params': params}, z, logsnr, labels)
   return process.predict(output=out, z=z, logsnr=logsnr, output_type=model.output_type)
 
 
-def latent_loss(params, *, model, codes, rng, loss_type='eps_mse', logsnr_min=schedules.LOGSNR_MIN,
+def latent_loss(params, *, model, codes, rng, labels=None, loss_type='eps_mse', logsnr_min=schedules.LOGSNR_MIN,
                 logsnr_max=schedules.LOGSNR_MAX):
-  """Mean denoising loss of the latent model on a batch of normalised codes (B, D).
+  """Mean denoising loss of the latent model on a batch of normalised codes (B, D), of class labels (B,) int when
+  the model is class-conditional (None otherwise).
 
   t ~ U(0, 1), lambda = the project's cosine log-SNR schedule, z = alpha x + sigma eps: the image model's
   continuous-time maths, not PDAE's constant-beta DDPM. loss_type: 'eps_mse' (default), 'eps_l1' (PDAE's),
@@ -127,23 +147,26 @@ def latent_loss(params, *, model, codes, rng, loss_type='eps_mse', logsnr_min=sc
   logsnr = schedules.cosine_logsnr(t, logsnr_min=logsnr_min, logsnr_max=logsnr_max)
   eps = jax.random.normal(rng_eps, codes.shape, jnp.float32)
   z = process.diffuse(x=codes, eps=eps, logsnr=logsnr)
-  pred = denoise(model, params, z, logsnr)
+  pred = denoise(model, params, z, logsnr, labels=labels)
   if loss_type == 'eps_l1':
     return jnp.mean(jnp.abs(pred.eps - eps))
   return losses.denoising_loss(pred=pred, x_target=codes, eps_target=eps, logsnr=logsnr, loss_type=loss_type).mean()
 
 
-def sample_latents(params, rng, *, model, num_samples, dim, num_steps=100, stats=None,
+def sample_latents(params, rng, *, model, num_samples, dim, num_steps=100, stats=None, labels=None,
                    logsnr_min=schedules.LOGSNR_MIN, logsnr_max=schedules.LOGSNR_MAX):
   """num_samples de-normalised codes (num_samples, dim) float32 from num_steps DDIM steps, starting at N(0, I).
 
-  Deterministic in rng. num_samples and dim are static (shapes); num_steps may be traced. clip_x is off: codes are
-  not bounded like pixels. stats=None returns the normalised codes.
+  Deterministic in rng. num_samples and dim are static (shapes); num_steps and labels may be traced. clip_x is
+  off: codes are not bounded like pixels. stats=None returns the normalised codes. labels: (num_samples,) int, the
+  class of each code, for a class-conditional model (None for an unconditional one).
   """
+  if labels is not None:
+    chex.assert_shape(labels, (num_samples,))
   z_init = jax.random.normal(rng, (num_samples, dim), jnp.float32)
-  codes = samplers.sample_loop(denoise_fn=lambda z, logsnr: denoise(model, params, z, logsnr), z_init=z_init,
-                               num_steps=num_steps, rng=jax.random.fold_in(rng, 1), sampler='ddim', clip_x=False,
-                               logsnr_min=logsnr_min, logsnr_max=logsnr_max)
+  codes = samplers.sample_loop(denoise_fn=lambda z, logsnr: denoise(model, params, z, logsnr, labels=labels),
+                               z_init=z_init, num_steps=num_steps, rng=jax.random.fold_in(rng, 1), sampler='ddim',
+                               clip_x=False, logsnr_min=logsnr_min, logsnr_max=logsnr_max)
   return codes if stats is None else denormalize(codes, stats)
 
 
@@ -163,12 +186,20 @@ def validate_latent_config(latent_config):
     raise ValueError(f'latent.num_steps (DDIM sampling steps) must be >= 1, got {latent_config["num_steps"]}')
 
 
-def make_latent_model(latent_config, *, dtype=jnp.float32):
-  """The MLPSkipNet of a latent config section (validated; its num_steps is sample_latents' num_steps)."""
+def make_latent_model(latent_config, *, num_classes=0, dtype=jnp.float32):
+  """The MLPSkipNet of a latent config section (validated; its num_steps is sample_latents' num_steps).
+
+  num_classes: the image model's (config.model.num_classes); > 0 makes the latent model class-conditional.
+  """
   validate_latent_config(latent_config)
-  return MLPSkipNet(num_layers=int(latent_config['num_layers']), width=int(latent_config['width']), dtype=dtype)
+  if int(num_classes) < 0:
+    raise ValueError(f'num_classes must be >= 0 (0 = unconditional), got {num_classes}')
+  return MLPSkipNet(num_layers=int(latent_config['num_layers']), width=int(latent_config['width']),
+                    num_classes=int(num_classes), dtype=dtype)
 
 
 def init_latent_params(model, rng, *, dim):
-  """float32 params of the latent model for codes of dimension dim. Traceable: call it under jit."""
-  return model.init(rng, jnp.zeros((1, dim), jnp.float32), jnp.zeros((1,), jnp.float32))['params']
+  """float32 params of the latent model for codes of dimension dim (with class 0's labels when it is
+  class-conditional). Traceable: call it under jit."""
+  labels = jnp.zeros((1,), jnp.int32) if model.num_classes > 0 else None
+  return model.init(rng, jnp.zeros((1, dim), jnp.float32), jnp.zeros((1,), jnp.float32), labels)['params']

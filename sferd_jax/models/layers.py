@@ -67,6 +67,9 @@ class ResnetBlock(nn.Module):
 
   The embedding enters as scale and shift of the second GroupNorm (PD's `temb_proj` of 2 * out_ch), which is
   what PD's 60.0M-parameter CIFAR-10 net has; with resample 'up'/'down' the skip path is resampled too.
+  With a semantic embedding `z_emb` (SFERD's gradient predictor, PDAE's ShiftUNet) the block also gets PDAE's
+  modulation: h <- (1 + z_scale) * (GN(h) (1 + t_scale) + t_shift) + z_shift, (z_scale, z_shift) from `zemb_proj`.
+  Without it the block and its parameters are PD's exactly, so a student's decoder weights fit the modulated copy.
   """
   out_ch: Optional[int] = None
   dropout: float = 0.0
@@ -74,7 +77,7 @@ class ResnetBlock(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, emb, train):
+  def __call__(self, x, *, emb, train, z_emb=None):
     batch, _, _, in_ch = x.shape
     chex.assert_shape(emb, (batch, None))
     out_ch = self.out_ch or in_ch
@@ -87,9 +90,14 @@ class ResnetBlock(nn.Module):
       resample = {'up': upsample_nearest, 'down': downsample_avg}[self.resample]
       h, x = resample(h), resample(x)
     h = conv(out_ch, 'conv1')(h)
-    emb_out = nn.Dense(2 * out_ch, dtype=dtype, param_dtype=jnp.float32, name='temb_proj')(nn.swish(emb))
-    scale, shift = jnp.split(emb_out[:, None, None, :], 2, axis=-1)
+    film = lambda name, e: jnp.split(nn.Dense(2 * out_ch, dtype=dtype, param_dtype=jnp.float32, name=name)(
+        nn.swish(e))[:, None, None, :], 2, axis=-1)
+    scale, shift = film('temb_proj', emb)
     h = group_norm(h, name='norm2') * (1 + scale) + shift
+    if z_emb is not None:
+      chex.assert_shape(z_emb, (batch, None))
+      z_scale, z_shift = film('zemb_proj', z_emb)
+      h = (1 + z_scale) * h + z_shift
     h = nn.swish(h)
     h = nn.Dropout(rate=self.dropout, deterministic=not train)(h)
     h = conv(out_ch, 'conv2', kernel_init=nn.initializers.zeros)(h)

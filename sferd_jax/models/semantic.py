@@ -1,22 +1,15 @@
-"""SFERD's semantic encoder E_phi and gradient predictor G_tau (SFERD.md §4; research/sferd_paper.md §1.5, PDAE).
+"""SFERD's semantic encoder E_phi and gradient predictor G_tau as modules (SFERD.md §4; research/sferd_paper.md §1.5).
 
-    encoder, predictor = make_semantic_models(config.model, config.semantic)
+    encoder, predictor = make_semantic_models(config.model, config.sferd.semantic)
     params = jax.jit(functools.partial(init_semantic_params, encoder, predictor, model_config=config.model))(rng)
     z_sem = encoder.apply({'params': params['encoder']}, x0)                            # (B, latent_dim)
-    pred, features = frozen_student(student, student_params, z, logsnr, labels, output_type=...)
-    g = predict_gradient(predictor, params['predictor'], z=z, logsnr=logsnr, z_sem=z_sem, features=features)
 
-g approximates grad_{z_t} log p(z_sem | z_t) and has the image's shape; sferd/semantic_gradient.py turns it into
-the shift of the student's x prediction and holds the loss; model_semantic_loss and shifted_denoise_fn below join
-them to the modules for a train step and for the sampler. Two forms of G_tau:
+Two forms of G_tau, both ending in a zero-initialised conv (so the shifted student starts as the plain one):
   'shift' (default, PDAE's ShiftUNet): a trainable copy of the student U-Net's decoder half (middle block, up path,
     output conv) that reads the frozen student encoder's (h, skips, emb), every ResnetBlock modulated by z_sem.
   'separate': a small stand-alone conv net G(z_t, logsnr, z_sem) with the same modulation, no student features.
-Both end in a zero-initialised conv, so g = 0 and the shifted student is the plain student at initialisation.
-Their raw output d is the x shift by default and g = d / (sigma^2 / alpha) (gradient_param='x_shift'); with
-'score' the raw output is g itself, as in PDAE and the official code. Same maths, but at lambda = -20, where a
-1-step student lives, sigma^2 / alpha = 2.2e4 and a raw g must be ~1e-4: on a 1-step toy (8 px digits, Adam 1e-4)
-'score' jumped from loss 0.74 to 5.7 in 50 steps and reached 0.50 by step 300, 'x_shift' fell steadily to 0.24.
+Their raw output becomes the gradient g ~ grad_{z_t} log p(z_sem | z_t) in sferd/semantic_predictor.py, which also
+holds the shift of the student's prediction, the training targets and loss: this module is architecture only.
 Parameters are float32; `dtype` is the compute dtype (the model config's), outputs are float32.
 """
 
@@ -28,18 +21,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sferd_jax.diffusion import process
 from sferd_jax.models import layers
 from sferd_jax.models import unet
-from sferd_jax.sferd import semantic_gradient
 
 FORMS = ('shift', 'separate')
-GRADIENT_PARAMS = ('x_shift', 'score')
-# Every key of the config's `semantic` section that the models read (make_semantic_models reads them all);
-# gradient_param may be left out (it defaults to 'x_shift'), the others are required.
-SEMANTIC_MODEL_KEYS = ('latent_dim', 'encoder_ch', 'form', 'separate_ch', 'gradient_param')
-SEMANTIC_DEFAULTS = dict(latent_dim=128, encoder_ch=64, form='shift', separate_ch=64, gradient_param='x_shift')
-_OPTIONAL_KEYS = ('gradient_param',)
+# Every key of the config's `semantic` section that the models read (make_semantic_models reads them all); the
+# section's other keys (the target, the gradient's parameterisation, ...) belong to sferd/semantic_predictor.py.
+SEMANTIC_MODEL_KEYS = ('latent_dim', 'encoder_ch', 'form', 'separate_ch')
+SEMANTIC_DEFAULTS = dict(latent_dim=128, encoder_ch=64, form='shift', separate_ch=64)
 
 
 def _conv(features, name, dtype, **kwargs):
@@ -91,79 +80,24 @@ class SemanticEncoder(nn.Module):
     return z_sem.astype(jnp.float32)
 
 
-class ModulatedResnetBlock(nn.Module):
-  """The U-Net's ResnetBlock plus PDAE's semantic modulation of its second GroupNorm.
+class ShiftDecoder(unet.UNetFields):
+  """G_tau's trainable part in the 'shift' form: the student's decoder half with every ResnetBlock modulated by z_sem.
 
-  h <- (1 + z_scale) * (GN(h) (1 + t_scale) + t_shift) + z_shift, with (t_scale, t_shift) from the noise-level
-  embedding as in layers.ResnetBlock and (z_scale, z_shift) = Dense(SiLU(z_emb)) from the semantic embedding.
-  Parameter names are ResnetBlock's plus `zemb_proj`, so a student decoder's weights fit where the shapes do.
+  The U-Net's own fields, blocks (layers.ResnetBlock given z_emb) and layout (unet.decoder_path), so its parameters
+  are the student decoder's plus `zemb_proj` per block and `z_embed` (PDAE's label_emb, latent_dim -> emb_ch,
+  shared by every block): a warm start from the student cannot drift from the student's architecture.
+  Takes the frozen student encoder's (h, skips, emb) at (z, logsnr) and z_sem (B, latent_dim); returns the raw
+  output (B, H, W, out_channels) float32, zero at initialisation (conv_out is zero-initialised).
   """
-  out_ch: Optional[int] = None
-  dropout: float = 0.0
-  resample: Optional[str] = None  # None, 'up' or 'down'
-  dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, emb, z_emb, train):
-    batch, _, _, in_ch = x.shape
-    chex.assert_shape([emb, z_emb], (batch, None))
-    out_ch = self.out_ch or in_ch
-    dtype = jnp.dtype(self.dtype)
-    dense = lambda name: nn.Dense(2 * out_ch, dtype=dtype, param_dtype=jnp.float32, name=name)
-    x = x.astype(dtype)
-    h = nn.swish(layers.group_norm(x, name='norm1'))
-    if self.resample is not None:
-      resample = {'up': layers.upsample_nearest, 'down': layers.downsample_avg}[self.resample]
-      h, x = resample(h), resample(x)
-    h = _conv(out_ch, 'conv1', dtype)(h)
-    t_scale, t_shift = jnp.split(dense('temb_proj')(nn.swish(emb))[:, None, None, :], 2, axis=-1)
-    z_scale, z_shift = jnp.split(dense('zemb_proj')(nn.swish(z_emb))[:, None, None, :], 2, axis=-1)
-    h = (1 + z_scale) * (layers.group_norm(h, name='norm2') * (1 + t_scale) + t_shift) + z_shift
-    h = nn.swish(h)
-    h = nn.Dropout(rate=self.dropout, deterministic=not train)(h)
-    h = _conv(out_ch, 'conv2', dtype, kernel_init=nn.initializers.zeros)(h)
-    if in_ch != out_ch:
-      x = nn.Dense(out_ch, dtype=dtype, param_dtype=jnp.float32, name='nin_shortcut')(x)
-    chex.assert_equal_shape([x, h])
-    return x + h
-
-
-class ShiftDecoder(nn.Module):
-  """G_tau's trainable part in the 'shift' form: a z_sem-modulated copy of UNetDecoder.
-
-  Takes the frozen student encoder's (h, skips, emb) at (z, logsnr), z_sem (B, latent_dim) and logsnr (B,) (for
-  gradient_param only); returns g (B, H, W, out_channels) float32. The fields other than gradient_param must be the
-  student's (make_semantic_models copies them); block names follow UNetDecoder's, plus `z_embed` (PDAE's label_emb,
-  latent_dim -> emb_ch, shared by every block).
-  """
-  ch: int
-  emb_ch: int
-  ch_mult: tuple[int, ...]
-  num_res_blocks: int
-  attn_resolutions: tuple[int, ...]
-  out_channels: int
-  num_heads: Optional[int] = None
-  head_dim: Optional[int] = None
-  dropout: float = 0.0
-  resblock_resample: bool = False
-  dtype: Any = jnp.float32
-  gradient_param: str = 'x_shift'
-
-  @nn.compact
-  def __call__(self, h, skips, emb, z_sem, logsnr, *, train):
+  def __call__(self, h, skips, emb, z_sem, *, train):
     chex.assert_rank(z_sem, 2)
     chex.assert_axis_dimension(z_sem, 0, h.shape[0])
-    dtype = jnp.dtype(self.dtype)
-    z_emb = nn.Dense(self.emb_ch, dtype=dtype, param_dtype=jnp.float32, name='z_embed')(z_sem.astype(dtype))
-    resnet = lambda name, out_ch=None, resample=None: functools.partial(
-        ModulatedResnetBlock(out_ch=out_ch, dropout=self.dropout, resample=resample, dtype=self.dtype, name=name),
-        emb=emb, z_emb=z_emb, train=train)
-    attn = lambda name: layers.AttnBlock(num_heads=self.num_heads, head_dim=self.head_dim, dtype=self.dtype,
-                                         name=name)
-    conv = lambda features, name, **kwargs: _conv(features, name, self.dtype, **kwargs)
-    # UNetDecoder's layout and block names, so the skips and warm starts line up with the student's decoder.
-    h = unet.decoder_path(self, h, skips, resnet=resnet, attn=attn, conv=conv)
-    return _to_gradient(h.astype(jnp.float32), logsnr, self.gradient_param)
+    z_emb = nn.Dense(self.emb_ch, dtype=jnp.dtype(self.dtype), param_dtype=jnp.float32, name='z_embed')(
+        z_sem.astype(jnp.dtype(self.dtype)))
+    resnet = lambda name, **kw: functools.partial(self._resnet(name, **kw), emb=emb, z_emb=z_emb, train=train)
+    return unet.decoder_path(self, h, skips, resnet=resnet, attn=self._attn, conv=self._conv).astype(jnp.float32)
 
 
 class SeparateGradientNet(nn.Module):
@@ -177,7 +111,6 @@ class SeparateGradientNet(nn.Module):
   out_channels: int = 3
   num_blocks: int = 4
   dtype: Any = jnp.float32
-  gradient_param: str = 'x_shift'
 
   @nn.compact
   def __call__(self, z, logsnr, z_sem, *, train):
@@ -193,120 +126,20 @@ class SeparateGradientNet(nn.Module):
     z_emb = dense(emb_ch, 'z_embed')(z_sem.astype(dtype))
     h = _conv(self.ch, 'conv_in', self.dtype)(z.astype(dtype))
     for i in range(self.num_blocks):
-      h = ModulatedResnetBlock(dtype=self.dtype, name=f'block{i}')(h, emb=emb, z_emb=z_emb, train=train)
+      h = layers.ResnetBlock(dtype=self.dtype, name=f'block{i}')(h, emb=emb, z_emb=z_emb, train=train)
     h = nn.swish(layers.group_norm(h, name='norm_out'))
     h = _conv(self.out_channels, 'conv_out', self.dtype, kernel_init=nn.initializers.zeros)(h)
-    return _to_gradient(h.astype(jnp.float32), logsnr, self.gradient_param)
-
-
-def _to_gradient(raw, logsnr, gradient_param):
-  """The raw output d -> g: g = d / (sigma^2 / alpha) for 'x_shift', so that the x shift is d itself."""
-  if gradient_param == 'score':
-    return raw
-  if gradient_param != 'x_shift':
-    raise ValueError(f'gradient_param must be one of {GRADIENT_PARAMS}, got {gradient_param!r}')
-  chex.assert_shape(logsnr, (raw.shape[0],))
-  coef = semantic_gradient.shift_coefficient(logsnr)
-  return raw / process.expand(coef, raw)
-
-
-# Applying the predictor next to a frozen student.
-
-
-def frozen_student(student, student_params, z, logsnr, labels=None, *, output_type):
-  """The frozen student's Prediction at (z, logsnr) and its encoder features (h, skips, emb), both stop-gradient.
-
-  One encoder pass serves the student's own decoder and the shift decoder (PDAE's ShiftUNet forward). Inference
-  mode: the student is frozen, so no dropout. `student` is a unet.UNet, `student_params` its full params.
-  """
-  features = student.apply({'params': student_params}, z, logsnr, labels, train=False, method=unet.UNet.encode)
-  features = jax.lax.stop_gradient(features)
-  out = student.apply({'params': student_params}, *features, train=False, method=unet.UNet.decode)
-  pred = process.predict(output=out, z=z, logsnr=logsnr, output_type=output_type)
-  return jax.lax.stop_gradient(pred), features
-
-
-def predict_gradient(predictor, predictor_params, *, z, logsnr, z_sem, features=None, train=False, dropout_rng=None):
-  """g (B, H, W, C) float32 from either form of G_tau.
-
-  Args:
-    predictor: a ShiftDecoder or a SeparateGradientNet (make_semantic_models' second output).
-    predictor_params: its params (the 'predictor' entry of init_semantic_params' tree).
-    z: (B, H, W, C) noisy image at log-SNR `logsnr` (B,).
-    z_sem: (B, latent_dim) semantic code.
-    features: the student encoder's (h, skips, emb) at (z, logsnr) from frozen_student; required by 'shift'.
-    train: enables the shift decoder's dropout (the student's dropout rate); needs dropout_rng.
-    dropout_rng: a key for dropout, or None.
-  """
-  rngs = {'dropout': dropout_rng} if dropout_rng is not None else {}
-  variables = {'params': predictor_params}
-  if isinstance(predictor, ShiftDecoder):
-    if features is None:
-      raise ValueError("the 'shift' predictor reads the student encoder's features: pass features=(h, skips, emb) "
-                       'from frozen_student')
-    g = predictor.apply(variables, *jax.lax.stop_gradient(features), z_sem, logsnr, train=train, rngs=rngs)
-  elif isinstance(predictor, SeparateGradientNet):
-    g = predictor.apply(variables, z, logsnr, z_sem, train=train, rngs=rngs)
-  else:
-    raise TypeError(f'predictor must be a ShiftDecoder or a SeparateGradientNet, got {type(predictor).__name__}')
-  chex.assert_equal_shape([g, z])
-  return g
-
-
-def model_semantic_loss(semantic_params, student_params, *, encoder, predictor, student, output_type, x0, z, logsnr,
-                        target, labels=None, loss_type='snr_trunc', train=False,
-                        dropout_rng=None):
-  """semantic_loss from the modules: the frozen student's pass, E_phi and G_tau all inside.
-
-  student_params is an argument only so that one function serves a jitted step; its gradient is zero (the
-  student's outputs are stop-gradient). In a train step differentiate w.r.t. semantic_params (argnums=0).
-  """
-  student_pred, features = frozen_student(student, student_params, z, logsnr, labels, output_type=output_type)
-
-  def encode_fn(params, images):
-    return encoder.apply({'params': params}, images)
-
-  def gradient_fn(params, z_t, logsnr_t, z_sem):
-    return predict_gradient(predictor, params, z=z_t, logsnr=logsnr_t, z_sem=z_sem, features=features, train=train,
-                            dropout_rng=dropout_rng)
-
-  return semantic_gradient.semantic_loss(semantic_params, encode_fn=encode_fn, gradient_fn=gradient_fn,
-                                         student_pred=student_pred, x0=x0, z=z, logsnr=logsnr, target=target,
-                                         loss_type=loss_type)
-
-
-def shifted_denoise_fn(*, student, student_params, output_type, predictor, predictor_params, z_sem, labels=None):
-  """denoise_fn(z, logsnr) -> the shifted student's Prediction, for samplers.sample_loop.
-
-  z_sem (B, latent_dim) comes from E_phi of real images or from the latent diffusion (models/latent.py). The
-  sampler clips the shifted x (clip_x=True), as it does the plain student's.
-  """
-
-  def denoise_fn(z, logsnr):
-    pred, features = frozen_student(student, student_params, z, logsnr, labels, output_type=output_type)
-    g = predict_gradient(predictor, predictor_params, z=z, logsnr=logsnr, z_sem=z_sem, features=features)
-    return semantic_gradient.shifted_prediction(pred=pred, g=g, z=z, logsnr=logsnr)
-
-  return denoise_fn
+    return h.astype(jnp.float32)
 
 
 # Config entry points. `model_config` is the config's `model` section, `semantic_config` its `semantic` section.
 
 
-def _gradient_param(semantic_config):
-  if 'gradient_param' in semantic_config:
-    return semantic_config['gradient_param']
-  return SEMANTIC_DEFAULTS['gradient_param']
-
-
 def validate_semantic_config(semantic_config):
   """Raises ValueError saying what to change when the semantic section cannot build the models."""
-  missing = [k for k in SEMANTIC_MODEL_KEYS if k not in semantic_config and k not in _OPTIONAL_KEYS]
+  missing = [k for k in SEMANTIC_MODEL_KEYS if k not in semantic_config]
   if missing:
     raise ValueError(f'semantic config lacks {missing}; defaults: {SEMANTIC_DEFAULTS}')
-  if _gradient_param(semantic_config) not in GRADIENT_PARAMS:
-    raise ValueError(f'semantic.gradient_param must be one of {GRADIENT_PARAMS}, got '
-                     f'{_gradient_param(semantic_config)!r}')
   if semantic_config['form'] not in FORMS:
     raise ValueError(f'semantic.form must be one of {FORMS}, got {semantic_config["form"]!r}')
   if semantic_config['latent_dim'] < 1:
@@ -327,15 +160,11 @@ def make_semantic_models(model_config, semantic_config):
   encoder = SemanticEncoder(latent_dim=int(semantic_config['latent_dim']), ch=int(semantic_config['encoder_ch']),
                             image_size=int(model_config['image_size']), dtype=dtype)
   channels, separate_ch = int(model_config['channels']), int(semantic_config['separate_ch'])
-  gradient_param = _gradient_param(semantic_config)
   if semantic_config['form'] == 'shift':
-    predictor = ShiftDecoder(ch=student.ch, emb_ch=student.emb_ch, ch_mult=student.ch_mult,
-                             num_res_blocks=student.num_res_blocks, attn_resolutions=student.attn_resolutions,
-                             out_channels=channels, num_heads=student.num_heads, head_dim=student.head_dim,
-                             dropout=student.dropout, resblock_resample=student.resblock_resample, dtype=dtype,
-                             gradient_param=gradient_param)
+    # The student's own fields (its dropout too), but one output per image channel: g, not a 'both' output.
+    predictor = ShiftDecoder(**dict(student.field_values(), out_channels=channels, capture_attention=()))
   else:
-    predictor = SeparateGradientNet(ch=separate_ch, out_channels=channels, dtype=dtype, gradient_param=gradient_param)
+    predictor = SeparateGradientNet(ch=separate_ch, out_channels=channels, dtype=dtype)
   return encoder, predictor
 
 
@@ -355,7 +184,7 @@ def _dummy_predictor_inputs(predictor, model_config, latent_dim):
 
   # Shapes only: nothing of the student is computed.
   h, skips, emb = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(features))
-  return h, skips, emb, z_sem, logsnr
+  return h, skips, emb, z_sem
 
 
 def init_semantic_params(encoder, predictor, rng, *, model_config):

@@ -36,8 +36,8 @@ from sferd_jax.models import layers
 COMPUTE_DTYPES = ('float32', 'bfloat16')
 
 
-class _UNetFields(nn.Module):
-  """Fields shared by UNet and its two halves (each half reads what it needs)."""
+class UNetFields(nn.Module):
+  """Fields shared by UNet, its two halves and semantic.ShiftDecoder (each reads what it needs)."""
   ch: int
   emb_ch: int
   ch_mult: tuple[int, ...]
@@ -52,8 +52,9 @@ class _UNetFields(nn.Module):
   dtype: Any = jnp.float32
   capture_attention: tuple[str, ...] = ()
 
-  def _field_values(self):
-    return {f.name: getattr(self, f.name) for f in dataclasses.fields(_UNetFields) if f.name not in ('parent', 'name')}
+  def field_values(self):
+    """The fields as keyword arguments: a module with the same layout (its other half, a copy) is built from them."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(UNetFields) if f.name not in ('parent', 'name')}
 
   def _resnet(self, name, out_ch=None, resample=None):
     return layers.ResnetBlock(out_ch=out_ch, dropout=self.dropout, resample=resample, dtype=self.dtype, name=name)
@@ -66,7 +67,7 @@ class _UNetFields(nn.Module):
     return nn.Conv(features, (3, 3), dtype=jnp.dtype(self.dtype), param_dtype=jnp.float32, name=name, **kwargs)
 
 
-class UNetEncoder(_UNetFields):
+class UNetEncoder(UNetFields):
   """Noise-level (and class) embedding, conv_in and the down path. Returns (h, skips, emb)."""
 
   @nn.compact
@@ -108,7 +109,7 @@ class UNetEncoder(_UNetFields):
     return h, tuple(skips), emb
 
 
-class UNetDecoder(_UNetFields):
+class UNetDecoder(UNetFields):
   """Middle block, up path and output conv. Takes the encoder's (h, skips, emb); returns float32."""
 
   @nn.compact
@@ -146,12 +147,12 @@ def decoder_path(fields, h, skips, *, resnet, attn, conv):
   return conv(fields.out_channels, 'conv_out', kernel_init=nn.initializers.zeros)(h)
 
 
-class UNet(_UNetFields):
+class UNet(UNetFields):
   """decoder(*encoder(z, logsnr, labels)): the raw output (B, H, W, out_channels) in float32."""
 
   def setup(self):
-    self.encoder = UNetEncoder(**self._field_values())
-    self.decoder = UNetDecoder(**self._field_values())
+    self.encoder = UNetEncoder(**self.field_values())
+    self.decoder = UNetDecoder(**self.field_values())
 
   def __call__(self, z, logsnr, labels=None, *, train):
     return self.decoder(*self.encoder(z, logsnr, labels, train=train), train=train)

@@ -78,6 +78,14 @@ def _cost_flops(lowered):
   return float(flops) if flops and flops > 0 else None
 
 
+COMMON_METRICS = ('step', 'loss', 'grad_norm', 'learning_rate', 'images_per_s', 'tflops_per_s')
+
+
+def phase_metrics(record):
+  """The metrics a phase's step adds to the common ones (the semantic phase's code sensitivity, ...)."""
+  return [k for k in record if k not in COMMON_METRICS]
+
+
 def _read_metrics(path):
   """(step, line) of each record in metrics.jsonl. A line that does not parse (one a kill cut short) is skipped
   with a warning: losing a log line must not stop a resume."""
@@ -251,7 +259,8 @@ def run_phase(phase, *, batches, mesh, rng):
     return dict(phase=phase.name, train_steps=cfg.train_steps, final_loss=last_record['loss'],
                 wall_s=elapsed_before + time.perf_counter() - run_start,
                 images_per_s=last_record['images_per_s'], compile_s=compile_s,
-                gflop_per_step=flops / per_call / 1e9 if flops else None)
+                gflop_per_step=flops / per_call / 1e9 if flops else None,
+                **{f'final_{k}': last_record[k] for k in phase_metrics(last_record)})
 
   def save(step):
     nonlocal summary
@@ -278,10 +287,11 @@ def run_phase(phase, *, batches, mesh, rng):
           last_record['tflops_per_s'] = flops * timer_images / images_per_call / seconds / 1e12
         log.write(last_record)
         eta = (cfg.train_steps - step) / (timer_images / cfg.batch_size / seconds)
-        logging.info('%s: step %d/%d (%d%%) loss %.5f grad_norm %.3f lr %.2e | %.1f img/s | ETA %s',
+        logging.info('%s: step %d/%d (%d%%) loss %.5f grad_norm %.3f lr %.2e%s | %.1f img/s | ETA %s',
                      phase.name, step, cfg.train_steps, 100 * step // cfg.train_steps, last_record['loss'],
-                     last_record['grad_norm'], last_record['learning_rate'], last_record['images_per_s'],
-                     format_eta(eta))
+                     last_record['grad_norm'], last_record['learning_rate'],
+                     ''.join(f' {k} {last_record[k]:.4g}' for k in phase_metrics(last_record)),
+                     last_record['images_per_s'], format_eta(eta))
         timer_start, timer_images = time.perf_counter(), 0
       if save_now:
         save(step)

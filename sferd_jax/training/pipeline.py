@@ -28,7 +28,8 @@ from sferd_jax.models import denoiser
 from sferd_jax.models import latent as latent_lib
 from sferd_jax.models import semantic as semantic_lib
 from sferd_jax.models import unet
-from sferd_jax.sferd import attention_guidance
+from sferd_jax.sferd import guided_teacher
+from sferd_jax.sferd import semantic_predictor
 from sferd_jax.training import checkpointing
 from sferd_jax.training import loop
 from sferd_jax.training import sharding
@@ -73,7 +74,7 @@ def training_meta(train_config):
 def guidance_meta(config):
   """The attention-guidance settings a distillation target used: None when guidance is off (then none matter)."""
   cfg = config.sferd.attention_guidance
-  return config_lib.to_json(cfg) if attention_guidance.is_active(cfg) else None
+  return config_lib.to_json(cfg) if guided_teacher.is_active(cfg) else None
 
 
 def model_info(config, *, name, phase, num_steps, **extra):
@@ -193,7 +194,7 @@ def run_distill(config, workdir, *, mesh=None):
   step = steps_lib.make_distill_step(model=model, model_config=config.model,
                                      diffusion_config=config.diffusion.to_dict(), train_config=train_config, tx=tx,
                                      schedule=schedule,
-                                     teacher_fn=attention_guidance.denoise_factory(config.model,
+                                     teacher_fn=guided_teacher.denoise_factory(config.model,
                                                                                    config.sferd.attention_guidance))
   batches = make_batches(config, train_config, seed_offset=1)
   init = init_fn(config, train_config, tx)  # one function for all stages: its jitted form is traced once
@@ -280,10 +281,10 @@ def _finished_stage(workdir, stage, what):
 
 
 def run_semantic(config, workdir, *, mesh=None):
-  """Trains E_phi and G_tau on the frozen student of each stage in config.sferd.semantic.stages.
+  """Trains E_phi and G_tau on the frozen student of each stage of config_lib.semantic_stages.
 
-  The target is the stage's own (guided) distillation target: its teacher's two steps at the student's noise
-  levels. Exports distill/stage_<k>/semantic/model ({'params': {'encoder', 'predictor'}}).
+  The target is config.sferd.semantic.target (sferd/semantic_predictor.py), computed with the stage's own (guided)
+  teacher where it needs one. Exports distill/stage_<k>/semantic/model ({'params': {'encoder', 'predictor'}}).
   """
   mesh = mesh or sharding.make_mesh()
   check_batch_sizes(config, ('semantic',), mesh)
@@ -293,8 +294,9 @@ def run_semantic(config, workdir, *, mesh=None):
   tx, schedule = state_lib.make_optimizer(train_config.optimizer, train_config.train_steps)
   step = steps_lib.make_semantic_step(
       student=student_model, encoder=encoder, predictor=predictor, model_config=config.model,
-      diffusion_config=config.diffusion.to_dict(), train_config=train_config, tx=tx, schedule=schedule,
-      teacher_fn=attention_guidance.denoise_factory(config.model, config.sferd.attention_guidance))
+      semantic_config=config.sferd.semantic, diffusion_config=config.diffusion.to_dict(), train_config=train_config,
+      tx=tx, schedule=schedule,
+      teacher_fn=guided_teacher.denoise_factory(config.model, config.sferd.attention_guidance))
   batches = make_batches(config, train_config, seed_offset=2)
   replicated = sharding.replicated(mesh)  # the student and teacher enter the steps
 
@@ -319,15 +321,21 @@ def run_semantic(config, workdir, *, mesh=None):
         name=f'semantic stage {stage} ({num_steps}-step student)', directory=directory, train_config=train_config,
         step=step, init_state=init, init_args=(rng, student.params),
         extra_args=(student.params, teacher_params, jnp.int32(num_steps)),
-        meta=dict(semantic=config.sferd.semantic.to_dict(), data=data_lib.data_config(config), seed=config.seed,
+        meta=dict(semantic=semantic_settings(config), data=data_lib.data_config(config), seed=config.seed,
                   loss=train_config.loss, student=checkpointing.fingerprint(student.params),
                   attention_guidance=guidance_meta(config), training=training_meta(train_config)),
         sample_fn=reconstruction_sampler(config, student, batches.get(0)))
     state, summary = loop.run_phase(phase, batches=batches, mesh=mesh, rng=rng)
     checkpointing.export_model(export_path, trees={'params': state.export_params}, info=dict(
         name=f'stage_{stage}_semantic', phase='semantic', stage=stage, num_steps=num_steps,
-        semantic=config.sferd.semantic.to_dict(), student=student_path, summary=summary))
+        semantic=semantic_settings(config), student=student_path, summary=summary))
     logging.info('semantic stage %d: exported to %s', stage, export_path)
+
+
+def semantic_settings(config):
+  """What a stage's predictor was trained with: config.sferd.semantic without `stages` (which stages get one
+  does not change any one of them)."""
+  return {k: v for k, v in config.sferd.semantic.to_dict().items() if k != 'stages'}
 
 
 def load_stage_teacher(config, workdir, stage, student, *, sharding=None):
@@ -352,6 +360,7 @@ def reconstruction_sampler(config, student, batch, *, num_images=8):
   The student starts from noise; only the code carries the image, so resemblance shows what G_tau has learnt.
   """
   encoder, predictor = semantic_lib.make_semantic_models(config.model, config.sferd.semantic)
+  gradient_param = semantic_predictor.setting(config.sferd.semantic, 'gradient_param')
   x0, labels = batch['image'][0, :num_images], batch['label'][0, :num_images]
   labels = denoiser.labels_or_none(config.model, labels)
   z = jax.random.normal(jax.random.key(config.seed), x0.shape)
@@ -361,9 +370,10 @@ def reconstruction_sampler(config, student, batch, *, num_images=8):
   @jax.jit
   def run(semantic_params, student_params):
     z_sem = encoder.apply({'params': semantic_params['encoder']}, x0)
-    denoise = semantic_lib.shifted_denoise_fn(
+    denoise = semantic_predictor.shifted_denoise_fn(
         student=unet.make_unet(config.model), student_params=student_params, output_type=config.model.output_type,
-        predictor=predictor, predictor_params=semantic_params['predictor'], z_sem=z_sem, labels=labels)
+        predictor=predictor, predictor_params=semantic_params['predictor'], z_sem=z_sem,
+        gradient_param=gradient_param, labels=labels)
     return samplers.sample_loop(denoise_fn=denoise, z_init=z, num_steps=student.config.num_steps,
                                 rng=jax.random.key(config.seed), **diffusion_config)
 
@@ -376,7 +386,8 @@ def semantic_sampler(config, student, semantic_params, stats):
     predictor = sampling.SemanticPredictor(
         params=semantic_params, latent_params=latent_params, stats={'mean': stats.mean, 'std': stats.std},
         config=ml_collections.ConfigDict({'semantic': config.sferd.semantic.to_dict(),
-                                          'latent': config.sferd.latent.to_dict()}))
+                                          'latent': config.sferd.latent.to_dict(),
+                                          'latent_num_classes': int(config.model.num_classes)}))
     return sampling.sample(student.params, jax.random.key(config.seed), model_config=config.model,
                            num_samples=GRID_SAMPLES, num_steps=student.config.num_steps,
                            diffusion_config=config.diffusion.to_dict(), semantic=predictor)
@@ -384,42 +395,53 @@ def semantic_sampler(config, student, semantic_params, stats):
 
 
 class CodeBatches(data_lib.Batches):
-  """Batches of semantic codes (N, latent_dim) in 'image', with Batches' resumable per-process order."""
+  """Batches of semantic codes (N, latent_dim) in 'image' and their images' labels (N,) in 'label' (zeros when
+  labels=None), with Batches' resumable per-process order."""
 
-  def __init__(self, codes, *, global_batch_size, seed):
+  def __init__(self, codes, *, global_batch_size, seed, labels=None):
     super().__init__(data_lib.ArraySource(np.zeros((len(codes), 1, 1, 1), np.uint8)),
                      global_batch_size=global_batch_size, seed=seed)
     self.codes = np.asarray(codes, np.float32)
+    self.labels = np.zeros(len(codes), np.int32) if labels is None else np.asarray(labels, np.int32)
+    if self.labels.shape != (len(self.codes),):
+      raise ValueError(f'CodeBatches: labels must have shape ({len(self.codes)},), got {self.labels.shape}')
 
   def get(self, step, num_steps=1):
     index, _ = self.indices(step, num_steps)
-    return {'image': self.codes[index], 'label': np.zeros(index.shape, np.int32)}
+    return {'image': self.codes[index], 'label': self.labels[index]}
 
 
 def encode_dataset(config, encoder, encoder_params, *, batch_size=256):
-  """E_phi of every training image: (N, latent_dim) float32.
+  """E_phi of every training image and its label: ((N, latent_dim) float32, (N,) int32).
 
   Reads the images a batch at a time (ImageNet-64 would be 16 GB at once); the last batch is padded to the same
   shape, so one compilation serves all.
   """
   source = data_lib.load_source(data_lib.data_config(config))
   encode = jax.jit(lambda p, x: encoder.apply({'params': p}, x))
-  codes = []
+  codes, labels = [], []
   for start in range(0, len(source), batch_size):
     indices = np.arange(start, min(start + batch_size, len(source)))
-    images, _ = source.read(np.pad(indices, (0, batch_size - len(indices)), mode='edge'), num_threads=16)
+    images, batch_labels = source.read(np.pad(indices, (0, batch_size - len(indices)), mode='edge'),
+                                       num_threads=16)
     codes.append(jax.device_get(encode(encoder_params, images_lib.from_uint8(images)))[:len(indices)])
-  return np.concatenate(codes)
+    labels.append(np.asarray(batch_labels, np.int32)[:len(indices)])
+  return np.concatenate(codes), np.concatenate(labels)
 
 
 def run_latent(config, workdir, *, mesh=None):
   """Trains the latent diffusion over each semantic stage's normalised codes: distill/stage_<k>/latent/model
-  holds its params and the code statistics ({'params', 'stats': {'mean', 'std'}})."""
+  holds its params and the code statistics ({'params', 'stats': {'mean', 'std'}}).
+
+  A class-conditional image model (config.model.num_classes > 0) gets a class-conditional latent model, trained
+  on each code's image label; model.json records its num_classes.
+  """
   mesh = mesh or sharding.make_mesh()
   check_batch_sizes(config, ('latent',), mesh)
   train_config = config.latent
   encoder, _ = semantic_lib.make_semantic_models(config.model, config.sferd.semantic)
-  model = latent_lib.make_latent_model(config.sferd.latent)
+  num_classes = int(config.model.num_classes)
+  model = latent_lib.make_latent_model(config.sferd.latent, num_classes=num_classes)
   dim = config.sferd.semantic.latent_dim
   tx, schedule = state_lib.make_optimizer(train_config.optimizer, train_config.train_steps)
   step = steps_lib.make_latent_step(model=model, diffusion_config=config.diffusion.to_dict(),
@@ -435,25 +457,29 @@ def run_latent(config, workdir, *, mesh=None):
       logging.info('latent stage %d: finished and exported at %s; skipping', stage, export_path)
       continue
     semantic_params = sampling.load_semantic_params(semantic_path, config.model, config.sferd.semantic)
-    codes = encode_dataset(config, encoder, semantic_params['encoder'])
-    stats = latent_lib.latent_statistics(codes)
+    codes, labels = encode_dataset(config, encoder, semantic_params['encoder'])
+    if num_classes and not 0 <= labels.min() <= labels.max() < num_classes:
+      # nn.Embed would silently clamp (or NaN) an out-of-range label: fail before any training.
+      raise ValueError(f'the dataset\'s labels span [{labels.min()}, {labels.max()}], outside the model\'s '
+                       f'{num_classes} classes (config.model.num_classes)')
+    stats = latent_lib.latent_statistics(codes)  # over all codes, whatever their class
     rng = jax.random.fold_in(jax.random.key(config.seed + 3), stage)
     phase = loop.Phase(
         name=f'latent stage {stage}', directory=directory, train_config=train_config, step=step,
         init_state=lambda rng=rng: state_lib.TrainState.create(
             params=latent_lib.init_latent_params(model, rng, dim=dim), tx=tx, ema_decay=train_config.ema_decay),
         meta=dict(latent=config.sferd.latent.to_dict(), seed=config.seed, loss=train_config.loss,
-                  encoder=checkpointing.fingerprint(semantic_params['encoder'])),
+                  encoder=checkpointing.fingerprint(semantic_params['encoder']), num_classes=num_classes),
         sample_fn=semantic_sampler(config, sampling.load(_finished_stage(workdir, stage, 'the latent phase')),
                                    semantic_params, stats))
     batches = CodeBatches(np.asarray(latent_lib.normalize(codes, stats)), global_batch_size=train_config.batch_size,
-                          seed=config.seed + 3)
+                          seed=config.seed + 3, labels=labels)
     state, summary = loop.run_phase(phase, batches=batches, mesh=mesh, rng=rng)
     checkpointing.export_model(
         export_path, trees={'params': state.export_params,  # stats as NumPy: written once, not per process
                             'stats': {'mean': np.asarray(stats.mean), 'std': np.asarray(stats.std)}},
         info=dict(name=f'stage_{stage}_latent', phase='latent', stage=stage, latent=config.sferd.latent.to_dict(),
-                  latent_dim=dim, num_codes=len(codes), summary=summary))
+                  latent_dim=dim, num_classes=num_classes, num_codes=len(codes), summary=summary))
     logging.info('latent stage %d: exported to %s', stage, export_path)
 
 

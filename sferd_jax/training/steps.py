@@ -17,7 +17,7 @@ from sferd_jax.diffusion import process
 from sferd_jax.diffusion import schedules
 from sferd_jax.models import denoiser
 from sferd_jax.models import latent
-from sferd_jax.models import semantic
+from sferd_jax.sferd import semantic_predictor
 from sferd_jax.training import state as state_lib
 
 
@@ -70,18 +70,36 @@ class DistillationBatch(NamedTuple):
   dropout_rng: jax.Array
 
 
-def _distillation_batch(rng, batch, *, model_config, logsnr_fn, teacher_fn, teacher_params, num_student_steps):
-  """Draws i in [0, N), z at the student's noise level u = (i + 1) / N, and the teacher's target there."""
+class StudentNoise(NamedTuple):
+  """Clean images and their noisy versions at a student's sampling levels u = (i + 1) / N."""
+  x: jax.Array
+  labels: Optional[jax.Array]
+  i: jax.Array        # (B,) the student's step index
+  eps: jax.Array
+  z: jax.Array
+  logsnr: jax.Array
+  dropout_rng: jax.Array
+
+
+def _student_noise(rng, batch, *, model_config, logsnr_fn, num_student_steps):
+  """Draws i in [0, N), z at the student's noise level u = (i + 1) / N, and a dropout key."""
   step_rng, noise_rng, dropout_rng = jax.random.split(rng, 3)
   x = batch['image']
   labels = denoiser.labels_or_none(model_config, batch['label'])
   i = jax.random.randint(step_rng, (x.shape[0],), 0, num_student_steps)
   logsnr = distillation.student_noise_level(i=i, num_steps=num_student_steps, logsnr_fn=logsnr_fn)
-  z = process.diffuse(x=x, eps=jax.random.normal(noise_rng, x.shape, x.dtype), logsnr=logsnr)
-  teacher = teacher_fn(jax.lax.stop_gradient(teacher_params), labels)
-  target = jax.lax.stop_gradient(distillation.student_target(teacher_fn=teacher, z=z, i=i,
+  eps = jax.random.normal(noise_rng, x.shape, x.dtype)
+  z = process.diffuse(x=x, eps=eps, logsnr=logsnr)
+  return StudentNoise(x=x, labels=labels, i=i, eps=eps, z=z, logsnr=logsnr, dropout_rng=dropout_rng)
+
+
+def _distillation_batch(rng, batch, *, model_config, logsnr_fn, teacher_fn, teacher_params, num_student_steps):
+  """_student_noise plus the teacher's PD target there."""
+  n = _student_noise(rng, batch, model_config=model_config, logsnr_fn=logsnr_fn, num_student_steps=num_student_steps)
+  teacher = teacher_fn(jax.lax.stop_gradient(teacher_params), n.labels)
+  target = jax.lax.stop_gradient(distillation.student_target(teacher_fn=teacher, z=n.z, i=n.i,
                                                              num_steps=num_student_steps, logsnr_fn=logsnr_fn))
-  return DistillationBatch(x=x, labels=labels, z=z, logsnr=logsnr, target=target, dropout_rng=dropout_rng)
+  return DistillationBatch(x=n.x, labels=n.labels, z=n.z, logsnr=n.logsnr, target=target, dropout_rng=n.dropout_rng)
 
 
 def make_distill_step(*, model, model_config, diffusion_config, train_config, tx, schedule, teacher_fn):
@@ -110,38 +128,45 @@ def make_distill_step(*, model, model_config, diffusion_config, train_config, tx
   return step
 
 
-def make_semantic_step(*, student, encoder, predictor, model_config, diffusion_config, train_config, tx, schedule,
-                       teacher_fn):
+def make_semantic_step(*, student, encoder, predictor, model_config, semantic_config, diffusion_config, train_config,
+                       tx, schedule, teacher_fn):
   """Trains E_phi and G_tau (state.params = {'encoder', 'predictor'}) on a frozen student of a finished stage.
 
-  step(state, batch, rng, student_params, teacher_params, num_student_steps): the shifted student's prediction
-  x + (sigma^2 / alpha) g regresses the (guided) teacher's distillation target at the student's noise levels.
+  step(state, batch, rng, student_params, teacher_params, num_student_steps): at the student's noise levels, the
+  shifted student's prediction x + (sigma^2 / alpha) g regresses semantic_config.target (sferd/semantic_predictor.py:
+  the guided teacher on re-noised data by default). Metrics add the plain student's loss and the code sensitivity.
   """
   logsnr_fn = lambda t: schedules.cosine_logsnr(t, **diffusion_config)
+  target_kind = semantic_predictor.setting(semantic_config, 'target')
+  gradient_param = semantic_predictor.setting(semantic_config, 'gradient_param')
 
   def step(state, batch, rng, student_params, teacher_params, num_student_steps):
-    b = _distillation_batch(jax.random.fold_in(rng, state.step), batch, model_config=model_config,
-                            logsnr_fn=logsnr_fn, teacher_fn=teacher_fn, teacher_params=teacher_params,
-                            num_student_steps=num_student_steps)
-    loss_fn = functools.partial(semantic.model_semantic_loss, encoder=encoder, predictor=predictor, student=student,
-                                output_type=model_config.output_type, x0=b.x, z=b.z, logsnr=b.logsnr,
-                                target=b.target, labels=b.labels, loss_type=train_config.loss, train=True,
-                                dropout_rng=b.dropout_rng)
+    n = _student_noise(jax.random.fold_in(rng, state.step), batch, model_config=model_config, logsnr_fn=logsnr_fn,
+                       num_student_steps=num_student_steps)
+    teacher = teacher_fn(jax.lax.stop_gradient(teacher_params), n.labels)
+    target = jax.lax.stop_gradient(semantic_predictor.semantic_target(
+        target_kind, teacher=teacher, x0=n.x, eps=n.eps, z=n.z, i=n.i, num_steps=num_student_steps,
+        logsnr_fn=logsnr_fn))
+    loss_fn = functools.partial(semantic_predictor.model_semantic_loss, encoder=encoder, predictor=predictor,
+                                student=student, output_type=model_config.output_type, x0=n.x, z=n.z,
+                                logsnr=n.logsnr, target=target, gradient_param=gradient_param, labels=n.labels,
+                                loss_type=train_config.loss, train=True, dropout_rng=n.dropout_rng)
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, student_params)
     new_state, metrics = _finish(state, grads, loss, tx=tx, ema_decay=train_config.ema_decay, schedule=schedule)
-    return new_state, dict(metrics, student_loss=aux['student_loss'])
+    return new_state, dict(metrics, **{k: aux[k] for k in ('student_loss', 'shift_rms', 'code_sensitivity')})
 
   return step
 
 
 def make_latent_step(*, model, diffusion_config, train_config, tx, schedule):
-  """Trains the latent diffusion model on normalised semantic codes: batch['image'] is (B, latent_dim)."""
+  """Trains the latent diffusion model on normalised semantic codes: batch['image'] is (B, latent_dim), and
+  batch['label'] (B,) their images' classes, used when the model is class-conditional."""
 
   def step(state, batch, rng):
     rng = jax.random.fold_in(rng, state.step)
     loss, grads = jax.value_and_grad(functools.partial(
         latent.latent_loss, model=model, codes=batch['image'], rng=rng, loss_type=train_config.loss,
-        **diffusion_config))(state.params)
+        labels=batch['label'] if model.num_classes else None, **diffusion_config))(state.params)
     return _finish(state, grads, loss, tx=tx, ema_decay=train_config.ema_decay, schedule=schedule)
 
   return step

@@ -8,7 +8,7 @@ from scipy import ndimage
 
 from sferd_jax.diffusion import process
 from sferd_jax.diffusion import schedules
-from sferd_jax.sferd import attention_guidance as ag
+from sferd_jax.sferd import guided_teacher as ag
 
 # ---------------------------------------------------------------------------------------------------------------
 # risky_mask
