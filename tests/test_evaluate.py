@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from sferd_jax import config as config_lib
+from sferd_jax import data as data_lib
 from sferd_jax import sampling
 from sferd_jax.evaluation import evaluate
 from sferd_jax.evaluation import inception
@@ -49,6 +50,21 @@ class InjectedFailure(RuntimeError):
   pass
 
 
+SENSITIVITY_CALLS = []
+
+
+def _fake_code_sensitivity(model, rng, *, num_samples):
+  """Stands in for sampling.code_sensitivity (another change's): a function of its key, recording its calls."""
+  SENSITIVITY_CALLS.append((model.path, jax.random.key_data(rng).tolist(), num_samples))
+  value = float(jax.random.uniform(rng))
+  return {'code_sensitivity': value, 'shift_rms': 2.0 * value}
+
+
+@pytest.fixture(autouse=True)
+def fake_code_sensitivity(monkeypatch):
+  monkeypatch.setattr(sampling, 'code_sensitivity', _fake_code_sensitivity, raising=False)
+
+
 @pytest.fixture(scope='module')
 def runs(tiny_run, tmp_path_factory):
   """An evaluation that fails at the 2nd round of its first variant and is run again; an uninterrupted one."""
@@ -65,20 +81,24 @@ def runs(tiny_run, tmp_path_factory):
       raise InjectedFailure('pre-empted')
     return real_sample(self, *args, **kwargs)
 
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(sampling.Model, 'sample', failing_sample)
-    with pytest.raises(InjectedFailure):
-      evaluate.run_evaluate(config, interrupted)
-  first_dir = os.path.join(interrupted, evaluate.EVAL_DIR, 'teacher_4steps')
-  after_failure = _mtimes(first_dir)
-  classifier_mtimes = _mtimes(os.path.join(interrupted, evaluate.EVAL_DIR, 'classifier'))
-  resumed = evaluate.run_evaluate(config, interrupted)
-  # The same classifier (trained once) in the uninterrupted run, so that the feature spaces are the same.
-  shutil.copytree(os.path.join(interrupted, evaluate.EVAL_DIR, 'classifier'),
-                  os.path.join(fresh, evaluate.EVAL_DIR, 'classifier'))
-  uninterrupted = evaluate.run_evaluate(config, fresh)
+  SENSITIVITY_CALLS.clear()
+  with pytest.MonkeyPatch.context() as fake:
+    fake.setattr(sampling, 'code_sensitivity', _fake_code_sensitivity, raising=False)
+    with pytest.MonkeyPatch.context() as mp:
+      mp.setattr(sampling.Model, 'sample', failing_sample)
+      with pytest.raises(InjectedFailure):
+        evaluate.run_evaluate(config, interrupted)
+    first_dir = os.path.join(interrupted, evaluate.EVAL_DIR, 'teacher_4steps')
+    after_failure = _mtimes(first_dir)
+    classifier_mtimes = _mtimes(os.path.join(interrupted, evaluate.EVAL_DIR, 'classifier'))
+    resumed = evaluate.run_evaluate(config, interrupted)
+    # The same classifier (trained once) in the uninterrupted run, so that the feature spaces are the same.
+    shutil.copytree(os.path.join(interrupted, evaluate.EVAL_DIR, 'classifier'),
+                    os.path.join(fresh, evaluate.EVAL_DIR, 'classifier'))
+    uninterrupted = evaluate.run_evaluate(config, fresh)
   return dict(interrupted=interrupted, fresh=fresh, after_failure=after_failure, first_dir=first_dir,
-              classifier_mtimes=classifier_mtimes, resumed=resumed, uninterrupted=uninterrupted)
+              classifier_mtimes=classifier_mtimes, resumed=resumed, uninterrupted=uninterrupted,
+              sensitivity_calls=list(SENSITIVITY_CALLS))
 
 
 def test_interrupted_evaluation_resumes_to_the_same_numbers(runs):
@@ -105,9 +125,20 @@ def test_one_row_per_variant_in_json_and_markdown(runs):
     assert all(np.isfinite(row[k]) for k in ('fid', 'kid_mean', 'kid_std', 'is_mean', 'is_std'))
     assert row['fid'] > 0 and 1.0 <= row['is_mean'] <= 10.0
   assert len({r['variant'] for r in rows}) == len(rows)
+  # The memorisation check: one held-out baseline for all rows, a sample distance per row.
+  assert len({r['nn_dist_real'] for r in rows}) == 1 and rows[0]['nn_dist_real'] > 0
+  assert all(np.isfinite(r['nn_dist']) and r['nn_dist'] > 0 for r in rows)
+  # The predictor's code sensitivity: semantic rows only.
+  for row in rows:
+    filled = [row[k] is not None for k in ('code_sensitivity', 'shift_rms')]
+    assert filled == [row['semantic']] * 2, row['variant']
   table = _read(runs['fresh'], evaluate.RESULTS_MD)
   assert len([line for line in table.splitlines() if line.startswith('| ')]) == 1 + len(VARIANTS)
   assert 'NOT Inception' in table and rows[0]['extractor'] in table
+  header = f"NN dist (real held-out: {rows[0]['nn_dist_real']:.4g})"
+  assert [r[header] for r in _table(table)] == [f"{r['nn_dist']:.4g}" for r in rows]
+  assert [r['code sens.'] for r in _table(table)] == ['-'] * 6 + [f"{rows[-1]['code_sensitivity']:.4g}"]
+  assert 'suggests memorisation' in table and "mean |x'(c_i) - x'(c_j)|" in table
   # Guided and unguided samples of one model differ; so do the models.
   images = {}
   for row in rows:
@@ -220,10 +251,12 @@ def test_published_stats_give_fid_and_is_and_no_kid(runs, tmp_path, caplog):
     with caplog.at_level('WARNING'):
       rows = evaluate.run_evaluate(config, workdir)['rows']
   assert len(rows) == 2 and all(r['kid_mean'] is None and r['kid_std'] is None for r in rows)
+  assert all(r['nn_dist'] is None and r['nn_dist_real'] is None for r in rows)
   assert all(np.isfinite(r['fid']) and r['fid'] > 0 and np.isfinite(r['is_mean']) for r in rows)
   assert 'names no feature extractor' in caplog.text and 'KID is not computed' in caplog.text
   table = _table(evaluate.results_table(rows))
   assert [r['KID'] for r in table] == ['-', '-'] and table[0]['FID'] == f"{rows[0]['fid']:.3f}"
+  assert [r['NN dist (real held-out: -)'] for r in table] == ['-', '-']
   # Statistics of another dimension: a config error, not a scipy one; a published file for the classifier: refused.
   np.savez(published, mu=reference.mean(0)[:4], sigma=np.eye(4))
   with pytest.MonkeyPatch.context() as mp:
@@ -247,6 +280,7 @@ def test_kid_header_and_values_are_the_raw_mmd():
   table = evaluate.results_table([row])
   assert _table(table) == [{'model': 'm', 'stage': 'teacher', 'steps': '1', 'guidance': 'off', 'semantic': 'off',
                             'samples': '10', 'FID': '1.000', 'KID': '0.0123 ± 0.0011', 'IS': '-',
+                            'NN dist (real held-out: -)': '-', 'code sens.': '-', 'shift RMS': '-',
                             'features': 'classifier'}]
   assert 'not scaled by 1e3' in table
 
@@ -281,3 +315,95 @@ def test_weak_classifier_warning():
   assert 'weak quality signal' in evaluate.weak_classifier_warning(0.5)
   assert '0.500' in evaluate.weak_classifier_warning(0.5)
   assert evaluate.weak_classifier_warning(0.95) is None and evaluate.weak_classifier_warning(None) is None
+
+
+def test_code_sensitivity_is_of_semantic_variants_with_a_key_of_no_round(runs):
+  calls = runs['sensitivity_calls']
+  # The interrupted run failed before any semantic variant; the resumed and the uninterrupted one: one call each.
+  assert [path.endswith(os.path.join('distill', 'stage_2', 'model')) for path, _, _ in calls] == [True, True]
+  assert calls[0][1:] == calls[1][1:] and calls[0][2] == evaluate.CODE_SENSITIVITY_SAMPLES
+  rounds = [jax.random.key_data(evaluate.round_key(0, 'distill_stage_2_1steps_semantic', r)).tolist() for r in range(3)]
+  assert calls[0][1] not in rounds
+  row = runs['uninterrupted']['rows'][-1]
+  assert row['semantic'] and row['shift_rms'] == 2.0 * row['code_sensitivity']
+
+
+def test_samples_that_copy_training_images_are_at_nn_distance_zero(runs, tmp_path):
+  """The memorisation check can fail: a variant whose 'samples' are the reference (training) images."""
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(runs['fresh'], workdir)
+  config = small_config(**{'evaluate.models': ('teacher',), 'evaluate.guidance': (False,)})
+  source = data_lib.load_source(data_lib.data_config(config))
+  training = source.read(evaluate._subset(len(source), 24, config.seed))[0]  # reference_for's images
+  variant_dir = os.path.join(workdir, evaluate.EVAL_DIR, 'teacher_4steps')
+  for r, start in enumerate((0, 10, 20)):
+    evaluate.save_npz_atomic(evaluate.round_path(variant_dir, r), images=training[start:start + 10])
+    os.remove(evaluate.round_path(variant_dir, r, '.features.npz'))
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(sampling.Model, 'sample', lambda *a, **k: pytest.fail('sampled again'))
+    row, = evaluate.run_evaluate(config, workdir)['rows']
+  sampled = runs['uninterrupted']['rows'][0]
+  assert row['nn_dist_real'] == sampled['nn_dist_real'] > 0  # the cached baseline
+  assert row['nn_dist'] < 1e-3 * row['nn_dist_real'] and sampled['nn_dist'] > 100 * row['nn_dist']
+
+
+def test_held_out_images_leave_themselves_out_and_are_cached(tmp_path):
+  """digits has no test split: the classifier's held-out images, each compared with the reference but itself."""
+  workdir = str(tmp_path)
+  config = small_config(**{'evaluate.num_samples': 2000})  # more than digits' 1,797: all are reference images
+  fake, calls = _fake_inception(), []
+
+  def counting(images):
+    calls.append(len(images))
+    return fake(images)
+
+  counting.extractor = fake.extractor
+  reference = evaluate.reference_for(config, workdir, counting)
+  source, indices, split = evaluate.held_out_images(config)
+  everything = evaluate._subset(len(source), evaluate.CLASSIFIER_MAX_IMAGES, config.seed)
+  assert split is None and reference.indices.tolist() == list(range(1797))
+  assert sorted(indices) == sorted(everything[evaluate.classifier_split(len(everything), config.seed)[0]])
+  assert len(indices) == 179
+  calls.clear()
+  nn_dist = evaluate.held_out_distance(config, workdir, counting, reference)
+  assert sum(calls) == 179
+  held = fake(source.read(indices)[0])['pool'].astype(np.float64)
+  distances = np.sqrt(((held[:, None] - reference.features.astype(np.float64)[None]) ** 2).sum(-1))
+  distances[np.arange(len(indices)), indices] = np.inf  # reference row i is image i
+  assert nn_dist == pytest.approx(distances.min(axis=1).mean(), rel=1e-5) and nn_dist > 0
+  # Cached: neither features nor distances again; another reference: the distance again, not the features.
+  calls.clear()
+  assert evaluate.held_out_distance(config, workdir, counting, reference) == nn_dist and not calls
+  shifted = evaluate.Reference(reference.stats, reference.features + 1.0, reference.source,
+                               indices=reference.indices, data=reference.data)
+  assert evaluate.held_out_distance(config, workdir, counting, shifted) != nn_dist and not calls
+  # Other data (digits ignores data.path, but the caches' descriptions hold it): both caches are recomputed.
+  other = small_config(**{'evaluate.num_samples': 2000, 'data.path': '/elsewhere'})
+  again = evaluate.held_out_distance(other, workdir, counting, evaluate.reference_for(other, workdir, counting))
+  assert sum(calls) == 1797 + 179 and again == pytest.approx(nn_dist, rel=1e-6)
+  # A reference of unknown images of data without a test split, or without features: no baseline.
+  unknown = evaluate.Reference(reference.stats, reference.features, 'given.npz')
+  assert evaluate.held_out_distance(config, workdir, counting, unknown) is None
+  assert evaluate.held_out_distance(config, workdir, counting,
+                                    evaluate.Reference(reference.stats, None, 'published.npz')) is None
+
+
+def test_rows_from_before_the_new_columns_still_render(tmp_path):
+  old = dict(model='m', stage=0, num_steps=1, guidance=False, semantic=False, num_samples=10, fid=1.0, kid_mean=None,
+             kid_std=None, is_mean=None, is_std=None, extractor='classifier/x')
+  new = dict(old, model='s', stage=2, semantic=True, nn_dist=0.5, nn_dist_real=2.0, code_sensitivity=0.25,
+             shift_rms=0.125)
+  plain = dict(new, semantic=False, nn_dist=1.5, code_sensitivity=None, shift_rms=None)
+  # One shared baseline: in the header; None: '-'.
+  table = _table(evaluate.results_table([new, plain]))
+  assert list(table[0])[9:12] == ['NN dist (real held-out: 2)', 'code sens.', 'shift RMS']
+  assert [(r['NN dist (real held-out: 2)'], r['code sens.'], r['shift RMS']) for r in table] == [
+      ('0.5', '0.25', '0.125'), ('1.5', '-', '-')]
+  # An old results.json row beside new ones: it still loads, and each row shows its own baseline.
+  directory = str(tmp_path)
+  evaluate.write_results(directory, [old])
+  evaluate.write_results(directory, evaluate.merge_rows(evaluate.load_rows(directory), [new]))
+  with open(os.path.join(directory, evaluate.RESULTS_MD)) as f:
+    mixed = _table(f.read())
+  assert [r['NN dist (real held-out: per row)'] for r in mixed] == ['- (real -)', '0.5 (real 2)']
+  assert [(r['code sens.'], r['shift RMS']) for r in mixed] == [('-', '-'), ('0.25', '0.125')]

@@ -140,3 +140,45 @@ def test_params_fingerprint_is_stable_and_sensitive():
   assert fp == metrics.params_fingerprint({'b': np.zeros(4), 'a': {'kernel': np.ones((2, 3))}})
   assert fp != metrics.params_fingerprint({'a': {'kernel': np.ones((2, 3))}, 'b': np.full(4, 1e-3)})
   assert len(fp) == 16
+
+
+def _brute_force_nn(a, b):
+  return np.sqrt(((a[:, None, :].astype(np.float64) - b[None, :, :]) ** 2).sum(-1)).min(axis=1)
+
+
+def test_nearest_neighbour_distance_matches_brute_force():
+  rng = np.random.default_rng(8)
+  a, b = rng.normal(size=(37, 5)).astype(np.float32), rng.normal(size=(53, 5)) * 2.0 + 0.5
+  # batch_size 8: several query and reference blocks, the last of each shorter.
+  got = metrics.nearest_neighbour_distance(a, b, batch_size=8)
+  assert got.shape == (37,) and got.dtype == np.float64
+  np.testing.assert_allclose(got, _brute_force_nn(a, b), rtol=1e-10)
+  np.testing.assert_allclose(metrics.nearest_neighbour_distance(a, b), got, rtol=1e-12)
+
+
+def test_nearest_neighbour_distance_of_exact_copies_is_zero():
+  """Copies of reference rows: exactly 0, where |a|^2 + |b|^2 - 2ab alone leaves ~4e-5 of round-off."""
+  rng = np.random.default_rng(9)
+  reference = rng.uniform(0, 30, size=(40, 2048)).astype(np.float32)  # Inception-like: 2048-d, non-negative
+  copies = reference[[3, 7, 7, 39]]
+  got = metrics.nearest_neighbour_distance(copies, reference, batch_size=16)
+  np.testing.assert_array_equal(got, np.zeros(4))
+  # Not zero for anything else: a small shift shows.
+  assert (metrics.nearest_neighbour_distance(copies + 1e-3, reference) > 0).all()
+
+
+def test_nearest_neighbour_distance_leave_one_out_and_refusals():
+  rng = np.random.default_rng(10)
+  x = rng.normal(size=(30, 4))
+  # Each row against the others: the brute force with the diagonal left out.
+  full = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
+  np.fill_diagonal(full, np.inf)
+  got = metrics.nearest_neighbour_distance(x, x, batch_size=7, exclude=np.arange(30))
+  np.testing.assert_allclose(got, full.min(axis=1), rtol=1e-10)
+  assert (got > 0).all()
+  # -1 excludes nothing; a row whose only reference row is excluded has no neighbour.
+  assert metrics.nearest_neighbour_distance(x[:2], x[:1], exclude=[-1, 0]).tolist() == [0.0, np.inf]
+  with pytest.raises(ValueError, match='same D'):
+    metrics.nearest_neighbour_distance(x, x[:, :3])
+  with pytest.raises(ValueError, match='one entry per row'):
+    metrics.nearest_neighbour_distance(x, x, exclude=[0, 1])

@@ -15,9 +15,21 @@ for features=inception, published statistics with only mu and sigma (EDM's, clea
 training set). Without reference features KID is not computed: it is reported as '-' (None in results.json), with
 a warning; FID and IS are.
 
+Memorisation check (a 1-step student with semantic codes can act as a decoder of latent samples, i.e. copy the
+training set): nn_dist is the mean Euclidean distance, in feature space, from a variant's samples to their nearest
+reference image (images of config.data, the training split); nn_dist_real, once per evaluation, is the same for
+held-out real images (see held_out_images). Samples much closer to training images than held-out real images are
+suggest memorisation. Both are the first NN_MAX_IMAGES images' mean; None ('-') without reference features. Only
+copies of reference images show: all of config.data when num_samples >= its size, else a seeded subset of it.
+
+Semantic predictor (variants with semantic=True only, None for others): code_sensitivity = mean |x'(c_i) - x'(c_j)|
+over pairs of codes at the same noisy input (does the code change the output at all?), shift_rms = RMS of the
+predictor's shift of x; both from sampling.code_sensitivity with a key of (config.seed, variant) that no round uses.
+
 Layout of <workdir>/evaluate/:
   classifier/classifier.npz, info.json   the small classifier (features='classifier'), trained once per run
   reference_<extractor>.npz              reference mu, sigma and features of config.data for that extractor
+  reference_<extractor>.held_out.npz     features of the held-out real images and their nn_dist_real
   <variant>/meta.json                    what the rounds were drawn with; rounds of other settings are refused
   <variant>/round_<r>.npz                uint8 samples ('images', (n, H, W, C))
   <variant>/round_<r>.features.npz       their features ('pool'[, 'logits']) and the extractor's name
@@ -50,7 +62,7 @@ EVAL_DIR = 'evaluate'
 RESULTS_JSON = 'results.json'
 RESULTS_MD = 'results.md'
 ROW_KEYS = ('model', 'stage', 'num_steps', 'guidance', 'semantic', 'num_samples', 'fid', 'kid_mean', 'kid_std',
-            'is_mean', 'is_std', 'extractor')
+            'is_mean', 'is_std', 'nn_dist', 'nn_dist_real', 'code_sensitivity', 'shift_rms', 'extractor')
 # Folds into config.seed so that evaluation noise never coincides with a training phase's.
 _EVAL_SEED_TAG = 0x65766131
 # The classifier holds its training images in device memory: a seeded subset of larger datasets is enough.
@@ -59,6 +71,13 @@ CLASSIFIER_HELD_OUT = 0.1
 # Below this held-out accuracy the classifier's features say little about sample quality: warn.
 CLASSIFIER_MIN_ACCURACY = 0.9
 IS_SPLITS = 10
+# Datasets with a test split, whose images are the held-out real images of the memorisation check.
+TEST_SPLITS = {'fashion_mnist': 'test', 'fashion_mnist_tfds': 'test', 'cifar10': 'test', 'imagenet64': 'test'}
+# Images per side of the nearest-neighbour check: a mean, well estimated by 10k, and each scans the whole reference.
+NN_MAX_IMAGES = 10000
+# round_key's round index of the code-sensitivity key: beyond any round count, so no round's samples share it.
+_CODE_SENSITIVITY_ROUND = 0x636F6465
+CODE_SENSITIVITY_SAMPLES = 256
 GRID_SAMPLES = 64
 
 
@@ -148,6 +167,16 @@ def weak_classifier_warning(accuracy):
           'its feature distances are a weak quality signal; prefer features=inception where weights are available')
 
 
+def classifier_split(num_images, seed):
+  """(held-out, training) positions among the classifier's num_images images: a seeded CLASSIFIER_HELD_OUT of them.
+
+  Also the held-out real images of the memorisation check for data without a test split (held_out_images).
+  """
+  held_out = max(1, int(num_images * CLASSIFIER_HELD_OUT))
+  perm = np.random.default_rng(seed).permutation(num_images)
+  return perm[:held_out], perm[held_out:]
+
+
 def classifier_feature_fn(config, workdir):
   """The run's classifier: loaded from <workdir>/evaluate/classifier/, or trained on config.data and saved there.
 
@@ -162,15 +191,13 @@ def classifier_feature_fn(config, workdir):
       raise classifier_lib.untrainable_error(source.describe())
     indices = _subset(len(source), CLASSIFIER_MAX_IMAGES, config.seed)
     images, labels = source.read(indices, num_threads=16)
-    held_out = max(1, int(len(indices) * CLASSIFIER_HELD_OUT))
-    perm = np.random.default_rng(config.seed).permutation(len(indices))
-    test, train = perm[:held_out], perm[held_out:]
+    test, train = classifier_split(len(indices), config.seed)
     logging.info('evaluate: training the feature classifier on %d images of %s', len(train), source.describe())
     start = time.time()
     model, params = classifier_lib.train_classifier(images[train], labels[train], num_classes=source.num_classes,
                                                     seed=config.seed)
     accuracy = classifier_lib.accuracy(model, params, images[test], labels[test])
-    info = dict(data=json.loads(_data_description(config, len(train))), held_out_images=int(held_out),
+    info = dict(data=json.loads(_data_description(config, len(train))), held_out_images=int(len(test)),
                 held_out_accuracy=accuracy, train_s=time.time() - start)
     _write_text_atomic(info_path, json.dumps(info, indent=2) + '\n')
     classifier_lib.save_classifier(f'{path}.tmp{os.getpid()}', model, params)
@@ -247,12 +274,18 @@ def extract(feature_fn, images):
 
 
 class Reference:
-  """Reference statistics (mu, sigma) and, where known, the reference features (for KID)."""
+  """Reference statistics (mu, sigma) and, where known, the reference features (for KID and the NN distance).
 
-  def __init__(self, stats, features, source):
+  indices: the config.data indices of the feature rows and data: the description of that data (_data_description),
+  where known: they let the memorisation check leave a held-out image out of the reference (held_out_distance).
+  """
+
+  def __init__(self, stats, features, source, *, indices=None, data=None):
     self.stats = stats
     self.features = features
     self.source = source
+    self.indices = indices
+    self.data = data
 
 
 def reference_path(workdir, extractor):
@@ -262,6 +295,21 @@ def reference_path(workdir, extractor):
 def _features_in(path):
   with np.load(path, allow_pickle=False) as data:
     return data['features'].astype(np.float32) if 'features' in data.files else None
+
+
+def _rows_in(path):
+  """(indices, data description) of a reference file made by reference_for; (None, None) for other files."""
+  with np.load(path, allow_pickle=False) as data:
+    if 'indices' not in data.files or 'data' not in data.files:
+      return None, None
+    return data['indices'].astype(np.int64), str(data['data'])
+
+
+def _source_features(feature_fn, source, indices, chunk):
+  """Pool features of a source's images `indices`, read and extracted chunk images at a time."""
+  chunk = max(chunk, 1)
+  return np.concatenate([extract(feature_fn, source.read(indices[i:i + chunk], num_threads=16)[0])['pool']
+                         for i in range(0, len(indices), chunk)])
 
 
 def _names_extractor(path):
@@ -280,6 +328,7 @@ def given_reference(path, extractor):
     published = is_inception(extractor) and os.path.isfile(path) and not _names_extractor(path)
     stats = metrics.load_reference_stats(path, extractor=None if published else extractor)
     features = _features_in(path)
+    indices, data = _rows_in(path)
   except FileNotFoundError as e:
     raise config_lib.ConfigError(
         f'config.evaluate.reference_stats: {e}; or set it to None to compute them from config.data') from None
@@ -292,7 +341,7 @@ def given_reference(path, extractor):
   if features is None:
     logging.warning('evaluate: %s holds no reference features: KID is not computed (reported as "-"); FID and IS '
                     'are. Set config.evaluate.reference_stats=None to compute all three from config.data', path)
-  return Reference(stats, features, os.path.abspath(path))
+  return Reference(stats, features, os.path.abspath(path), indices=indices, data=data)
 
 
 def reference_for(config, workdir, feature_fn):
@@ -310,25 +359,131 @@ def reference_for(config, workdir, feature_fn):
   num_images = min(len(source), config.evaluate.num_samples)
   # The seed picks the subset of a larger dataset.
   description = _data_description(config, num_images, seed=config.seed if num_images < len(source) else None)
+  indices = _subset(len(source), num_images, config.seed)
   if os.path.exists(path):
     with np.load(path, allow_pickle=False) as data:
       cached = str(data['data']) if 'data' in data.files else None
     if cached == description:
       stats = metrics.load_reference_stats(path, extractor=extractor)
-      return Reference(stats, _features_in(path), path)
+      return Reference(stats, _features_in(path), path, indices=indices, data=description)
     logging.info('evaluate: %s was computed from other data or another image count; recomputing it', path)
 
   logging.info('evaluate: reference statistics of %d images of %s with %s', num_images, source.describe(),
                extractor)
-  indices = _subset(len(source), num_images, config.seed)
-  chunk = max(config.evaluate.round_size, 1)
-  features = np.concatenate([extract(feature_fn, source.read(indices[i:i + chunk], num_threads=16)[0])['pool']
-                             for i in range(0, len(indices), chunk)])
+  features = _source_features(feature_fn, source, indices, config.evaluate.round_size)
   mu, sigma = metrics.feature_statistics(features)
-  # save_reference_stats' keys (so metrics.load_reference_stats reads it), plus the features and the data.
+  # save_reference_stats' keys (so metrics.load_reference_stats reads it), plus the features, the data and its
+  # indices (so that the file given as config.evaluate.reference_stats still supports the memorisation check).
   save_npz_atomic(path, mu=mu, sigma=sigma, num_images=np.int64(num_images), extractor=np.str_(extractor),
-                  features=features, data=np.str_(description))
-  return Reference(metrics.load_reference_stats(path, extractor=extractor), features, path)
+                  features=features, data=np.str_(description), indices=indices.astype(np.int64))
+  return Reference(metrics.load_reference_stats(path, extractor=extractor), features, path, indices=indices,
+                   data=description)
+
+
+def check_dims(reference, dim):
+  """A config error, not a scipy one, when the reference statistics are not of dim-d features."""
+  if reference.stats.mu.shape != (dim,):
+    raise config_lib.ConfigError(
+        f'the reference statistics {reference.source} are {reference.stats.mu.shape[0]}-d but the features are '
+        f'{dim}-d: they come from another network. Fix config.evaluate.reference_stats (None = compute '
+        'them from config.data)')
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The memorisation check's held-out real images.
+
+
+def held_out_path(workdir, extractor):
+  return os.path.join(workdir, EVAL_DIR, f'reference_{safe_name(extractor)}.held_out.npz')
+
+
+def _test_split(config):
+  """config.data's test split (TEST_SPLITS) unless it is the split the models trained on; else None."""
+  test = TEST_SPLITS.get(config.data.name)
+  own = str(config.data.split).split('[')[0]  # 'train[:90%]' reads the train split
+  return test if test and own not in (test, 'validation') else None  # imagenet64's 'test' is TFDS' 'validation'
+
+
+def held_out_images(config):
+  """The held-out real images of the memorisation check: (source, sorted indices into it, test split or None).
+
+  Where config.data has a test split (TEST_SPLITS): a seeded subset of it, images no model trained on. Else
+  (digits and npz have a single split; or the test split is not prepared: a warning): the feature classifier's
+  held-out CLASSIFIER_HELD_OUT of config.data (classifier_split). Those are training images of the models, but
+  without a test split there is nothing better, and like the samples they were never seen by the classifier (whose
+  features of its own training images may lie tighter). They can be among the reference images, so each is compared
+  with the reference without itself (held_out_distance). At most min(num_samples, NN_MAX_IMAGES) images.
+  """
+  limit = min(config.evaluate.num_samples, NN_MAX_IMAGES)
+  test = _test_split(config)
+  if test is not None:
+    try:
+      source = data_lib.load_source(data_lib.data_config(config), split=test)
+      return source, _subset(len(source), limit, config.seed), test
+    except data_lib.DatasetNotFoundError as e:
+      logging.warning('evaluate: no %r split (%s): the memorisation check holds out part of %r instead', test,
+                      str(e).splitlines()[0], config.data.split)
+  source = data_lib.load_source(data_lib.data_config(config))
+  indices = _subset(len(source), CLASSIFIER_MAX_IMAGES, config.seed)
+  held_out = np.sort(indices[classifier_split(len(indices), config.seed)[0]])
+  return source, held_out[_subset(len(held_out), limit, config.seed)], None
+
+
+def _same_data(description, config):
+  """Whether a reference's data description is of config.data (whatever its image count and subset seed)."""
+  if description is None:
+    return False
+  strip = lambda text: {k: v for k, v in json.loads(text).items() if k not in ('num_images', 'seed')}
+  return strip(description) == strip(_data_description(config, 0))
+
+
+def _leave_out(held_out, reference_indices):
+  """Per held-out image (an index of config.data): the reference row of the same image, or -1."""
+  row_of = {int(i): j for j, i in enumerate(reference_indices)}
+  return np.array([row_of.get(int(i), -1) for i in held_out], np.int64)
+
+
+def held_out_distance(config, workdir, feature_fn, reference):
+  """nn_dist_real: the mean distance of held-out real images' features to their nearest reference feature.
+
+  The baseline of the samples' nn_dist: how close real images that are not copies come to the training images.
+  Cached in reference_<extractor>.held_out.npz: the features until the held-out images change (data, count, seed,
+  as the reference cache), the distance until the reference features change too. None when the reference has no
+  features (published mu/sigma), or when, without a test split, a given reference_stats file does not say which
+  images of config.data it holds (a held-out image among them would be at distance 0).
+  """
+  if reference.features is None:
+    return None
+  source, indices, split = held_out_images(config)
+  exclude = None
+  if split is None:
+    if reference.indices is None or not _same_data(reference.data, config):
+      logging.warning('evaluate: %s does not say which images of config.data it holds and config.data has no test '
+                      'split: no held-out NN distance (nn_dist_real = None)', reference.source)
+      return None
+    exclude = _leave_out(indices, reference.indices)
+  description = _data_description(config, len(indices), held_out_split=split, seed=config.seed)
+  crc = zlib.crc32(np.ascontiguousarray(reference.features, np.float32))
+  fingerprint = f'{zlib.crc32(np.ascontiguousarray(exclude if exclude is not None else [], np.int64), crc):08x}'
+  path = held_out_path(workdir, feature_fn.extractor)
+  features = None
+  if os.path.exists(path):
+    with np.load(path, allow_pickle=False) as data:
+      if str(data['data']) == description:
+        if str(data['reference']) == fingerprint:
+          return float(data['nn_dist'])
+        features = data['features']
+      else:
+        logging.info('evaluate: %s was computed from other held-out images; recomputing it', path)
+  if features is None:
+    logging.info('evaluate: features of %d held-out real images of %s for the memorisation check', len(indices),
+                 source.describe())
+    features = _source_features(feature_fn, source, indices, config.evaluate.round_size)
+  check_dims(reference, features.shape[1])
+  nn_dist = float(np.mean(metrics.nearest_neighbour_distance(features, reference.features, exclude=exclude)))
+  save_npz_atomic(path, features=features, data=np.str_(description), reference=np.str_(fingerprint),
+                  nn_dist=np.float64(nn_dist), extractor=np.str_(feature_fn.extractor))
+  return nn_dist
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -507,22 +662,32 @@ def variant_features(model, config, variant, directory, feature_fn, *, log_prefi
 
 
 def compute_metrics(features, reference, *, kid_subsets, kid_subset_size, seed):
-  """FID (against the reference statistics), KID (against the reference features) and IS (from logits)."""
+  """FID (against the reference statistics), KID and nn_dist (against the reference features) and IS (logits)."""
   pool = features['pool']
-  if reference.stats.mu.shape != pool.shape[1:]:
-    raise config_lib.ConfigError(
-        f'the reference statistics {reference.source} are {reference.stats.mu.shape[0]}-d but the features are '
-        f'{pool.shape[1]}-d: they come from another network. Fix config.evaluate.reference_stats (None = compute '
-        'them from config.data)')
+  check_dims(reference, pool.shape[1])
   fid = metrics.frechet_distance(*metrics.feature_statistics(pool), reference.stats.mu, reference.stats.sigma)
-  kid_mean = kid_std = is_mean = is_std = None
+  kid_mean = kid_std = is_mean = is_std = nn_dist = None
   if reference.features is not None:
     # metrics caps the subset size at the smaller sample count.
     kid_mean, kid_std = metrics.kernel_inception_distance(pool, reference.features, num_subsets=kid_subsets,
                                                           subset_size=kid_subset_size, rng=seed)
+    nn_dist = float(np.mean(metrics.nearest_neighbour_distance(pool[:NN_MAX_IMAGES], reference.features)))
   if 'logits' in features:
     is_mean, is_std = metrics.inception_score(features['logits'], num_splits=min(IS_SPLITS, pool.shape[0]))
-  return dict(fid=fid, kid_mean=kid_mean, kid_std=kid_std, is_mean=is_mean, is_std=is_std)
+  return dict(fid=fid, kid_mean=kid_mean, kid_std=kid_std, is_mean=is_mean, is_std=is_std, nn_dist=nn_dist)
+
+
+def code_sensitivity(config, variant, model):
+  """{'code_sensitivity', 'shift_rms'} of a semantic variant's predictor (sampling.code_sensitivity); None otherwise.
+
+  Whether the predictor's code matters: a student whose output ignores its code cannot decode latent samples
+  (nor copy training images through them). The key is a function of (seed, variant) and no round's.
+  """
+  if not variant.semantic:
+    return dict(code_sensitivity=None, shift_rms=None)
+  out = sampling.code_sensitivity(model, round_key(config.seed, variant.name, _CODE_SENSITIVITY_ROUND),
+                                  num_samples=CODE_SENSITIVITY_SAMPLES)
+  return dict(code_sensitivity=float(out['code_sensitivity']), shift_rms=float(out['shift_rms']))
 
 
 def _row_key(row):
@@ -540,20 +705,41 @@ def _fmt(value, spec):
   return '-' if value is None else format(value, spec)
 
 
+def _nn_cells(rows):
+  """The NN-distance header and cells: the held-out figure in the header when the rows share it, else per cell."""
+  reals = {_fmt(r.get('nn_dist_real'), '.4g') for r in rows}
+  if len(reals) <= 1:
+    return f"NN dist (real held-out: {reals.pop() if reals else '-'})", [_fmt(r.get('nn_dist'), '.4g') for r in rows]
+  # Rows of several extractors or sample counts: each with its own baseline.
+  cells = [f"{_fmt(r.get('nn_dist'), '.4g')} (real {_fmt(r.get('nn_dist_real'), '.4g')})" for r in rows]
+  return 'NN dist (real held-out: per row)', cells
+
+
 def results_table(rows):
-  """results.md: the table, then one line per extractor saying what its numbers compare with."""
+  """results.md: the table, then one line per extractor saying what its numbers compare with.
+
+  Rows of results.json written before a column existed show '-' in it.
+  """
+  nn_header, nn_cells = _nn_cells(rows)
   lines = ['# FID / KID / IS', '',
-           '| model | stage | steps | guidance | semantic | samples | FID | KID | IS | features |',
-           '|---|---|---|---|---|---|---|---|---|---|']
-  for r in rows:
+           f'| model | stage | steps | guidance | semantic | samples | FID | KID | IS | {nn_header} | code sens. '
+           '| shift RMS | features |',
+           '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+  for r, nn in zip(rows, nn_cells):
     kid = '-' if r['kid_mean'] is None else f"{r['kid_mean']:.5g} ± {r['kid_std']:.2g}"
     is_ = '-' if r['is_mean'] is None else f"{r['is_mean']:.3f} ± {r['is_std']:.3f}"
     kind = 'classifier' if r['extractor'].startswith(classifier_lib.EXTRACTOR_PREFIX) else 'inception'
     lines.append(f"| {r['model']} | {r['stage'] or 'teacher'} | {r['num_steps']} | {'on' if r['guidance'] else 'off'} "
                  f"| {'on' if r['semantic'] else 'off'} | {r['num_samples']} | {_fmt(r['fid'], '.3f')} | {kid} | "
-                 f"{is_} | {kind} |")
+                 f"{is_} | {nn} | {_fmt(r.get('code_sensitivity'), '.4g')} | {_fmt(r.get('shift_rms'), '.4g')} | "
+                 f"{kind} |")
   lines += ['', 'KID is the unbiased MMD^2 itself (not scaled by 1e3), mean ± std over subsets; '
-            "'-': not computed (reference statistics without features, or no logits for IS).", '', 'Features:']
+            "'-': not computed (reference statistics without features, or no logits for IS).", '',
+            'NN dist: mean feature distance of samples to their nearest training (reference) image, beside that of '
+            'held-out real images: samples much closer to training images than held-out real images are suggests '
+            'memorisation.', '',
+            "code sens.: mean |x'(c_i) - x'(c_j)| over pairs of codes at the same noisy input; shift RMS: RMS of the "
+            "semantic predictor's shift of x (semantic variants only).", '', 'Features:']
   lines += [f'- {describe_extractor(e)}' for e in dict.fromkeys(r['extractor'] for r in rows)]
   return '\n'.join(lines) + '\n'
 
@@ -596,6 +782,9 @@ def run_evaluate(config, workdir, *, mesh=None):
   reference = reference_for(config, workdir, feature_fn)
   count = reference.stats.num_images if reference.stats.num_images >= 0 else 'an unknown number of'
   logging.info('evaluate: reference %s (%s images)', reference.source, count)
+  nn_dist_real = held_out_distance(config, workdir, feature_fn, reference)
+  logging.info('evaluate: held-out real images are at a mean NN distance of %s from the reference (training) images',
+               _fmt(nn_dist_real, '.4g'))
   rows = []
   for m, path in enumerate(paths):
     model = sampling.load(path)
@@ -608,13 +797,16 @@ def run_evaluate(config, workdir, *, mesh=None):
       scores = compute_metrics(features, reference, kid_subsets=cfg.kid_subsets, kid_subset_size=cfg.kid_subset_size,
                                seed=config.seed)
       row = dict(model=variant.model, stage=variant.stage, num_steps=variant.num_steps, guidance=variant.guidance,
-                 semantic=variant.semantic, num_samples=int(features['pool'].shape[0]), **scores, extractor=extractor,
+                 semantic=variant.semantic, num_samples=int(features['pool'].shape[0]), **scores,
+                 nn_dist_real=nn_dist_real, **code_sensitivity(config, variant, model), extractor=extractor,
                  variant=variant.name, sampler=config.sample.sampler)
       rows.append(row)
       write_results(directory, merge_rows(load_rows(directory), [row]))
       kid = '-' if row['kid_mean'] is None else f"{row['kid_mean']:.5g} ± {row['kid_std']:.2g}"
       is_ = '-' if row['is_mean'] is None else f"{row['is_mean']:.3f} ± {row['is_std']:.3f}"
-      logging.info('%sFID %.3f, KID %s, IS %s (%s features, %d samples, %.0f s)', prefix, row['fid'], kid, is_,
+      logging.info('%sFID %.3f, KID %s, IS %s, NN dist %s (held-out real %s), code sensitivity %s (%s features, '
+                   '%d samples, %.0f s)', prefix, row['fid'], kid, is_, _fmt(row['nn_dist'], '.4g'),
+                   _fmt(nn_dist_real, '.4g'), _fmt(row['code_sensitivity'], '.4g'),
                    'CLASSIFIER' if extractor.startswith(classifier_lib.EXTRACTOR_PREFIX) else 'Inception',
                    row['num_samples'], time.time() - start)
   logging.info('evaluate: wrote %s and %s', os.path.join(directory, RESULTS_JSON),

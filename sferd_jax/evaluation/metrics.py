@@ -3,7 +3,8 @@
 The formulas are the ones of the literature's reference code, so numbers are comparable given the same
 feature extractor and sample count: FID as TTUR / pytorch-fid (covariance with ddof=1, scipy sqrtm), KID as
 Binkowski et al. / clean-fid (unbiased MMD^2, kernel (x.y / d + 1)^3, averaged over random subsets), IS as
-Salimans et al. (exp E[KL(p(y|x) || p(y))] per split).
+Salimans et al. (exp E[KL(p(y|x) || p(y))] per split). Also the nearest-neighbour distance of the memorisation
+check (samples much closer to training images than held-out real images are suggest copies).
 """
 
 import hashlib
@@ -100,6 +101,48 @@ def inception_score(logits, *, num_splits=10):
     kl = np.sum(np.exp(part) * (part - log_py), axis=1)
     scores.append(np.exp(kl.mean()))
   return float(np.mean(scores)), float(np.std(scores))
+
+
+def nearest_neighbour_distance(features, reference_features, *, batch_size=1024, exclude=None):
+  """Per row of features (N, D): the Euclidean distance to its nearest row of reference_features (M, D), (N,) f64.
+
+  The memorisation check: a sample that copies a training image is at distance ~0 from the training features.
+  Computed in blocks of batch_size x batch_size, so 50k x 50k never holds an N x M matrix. The nearest row is
+  found with |a|^2 + |b|^2 - 2 a.b in float64 (clamped at 0: round-off can make it slightly negative), then its
+  distance is recomputed as |a - b|, so that an exact copy gives exactly 0 rather than round-off.
+
+  exclude: optional (N,) index of one reference row to ignore per row (-1: none), for a real image that is itself
+  in the reference (leave-one-out). A row whose every reference row is excluded gets inf.
+  """
+  r = np.asarray(reference_features, np.float64)
+  f = np.asarray(features)
+  if f.ndim != 2 or r.ndim != 2 or f.shape[1] != r.shape[1]:
+    raise ValueError(f'features must be (N, D) with the same D, got {f.shape} and {r.shape}')
+  if r.shape[0] == 0 or batch_size < 1:
+    raise ValueError(f'need at least one reference row and batch_size >= 1, got {r.shape[0]} and {batch_size}')
+  exclude = np.full(f.shape[0], -1, np.int64) if exclude is None else np.asarray(exclude, np.int64).reshape(-1)
+  if exclude.shape != (f.shape[0],):
+    raise ValueError(f'exclude must have one entry per row ({f.shape[0]}), got {exclude.shape}')
+  r_sq = np.einsum('ij,ij->i', r, r)
+  out = np.full(f.shape[0], np.inf)
+  for lo in range(0, f.shape[0], batch_size):
+    q = f[lo:lo + batch_size].astype(np.float64)  # Cast per block: the whole query set stays in its dtype.
+    q_sq, ex = np.einsum('ij,ij->i', q, q), exclude[lo:lo + batch_size]
+    best, arg = np.full(len(q), np.inf), np.full(len(q), -1)
+    for start in range(0, r.shape[0], batch_size):
+      block = r[start:start + batch_size]
+      d2 = np.maximum(q_sq[:, None] + r_sq[None, start:start + len(block)] - 2.0 * (q @ block.T), 0.0)
+      rows = np.nonzero((ex >= start) & (ex < start + len(block)))[0]
+      d2[rows, ex[rows] - start] = np.inf
+      j = np.argmin(d2, axis=1)
+      m = d2[np.arange(len(q)), j]
+      better = m < best
+      best[better], arg[better] = m[better], j[better] + start
+    found = arg >= 0
+    dist = np.full(len(q), np.inf)
+    dist[found] = np.linalg.norm(q[found] - r[arg[found]], axis=1)
+    out[lo:lo + len(q)] = dist
+  return out
 
 
 def params_fingerprint(params):
