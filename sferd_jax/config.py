@@ -158,6 +158,8 @@ def base_config():
       guidance=(False,),      # variants to score: without / with attention-guided sampling
       semantic=(False,),      # variants: without / with the semantic gradient predictor (models that have one)
       num_samples=50000,      # samples per variant (50k is the standard FID protocol)
+      sample_seeds=_optional(tuple),  # seeds of the samples, each a set of rows; None = (config.seed,). Two seeds
+                              # show whether a gap between variants is beyond sampling noise
       round_size=1000,        # samples per saved round; an interrupted evaluation resumes at the last round
       features='auto',        # inception | classifier | auto (inception when weights are given, else the
                               # small classifier trained on the dataset and saved with the run)
@@ -275,6 +277,9 @@ def validate(config):
                                         '`python -m sferd_jax.evaluation.export_inception SRC.pt OUT.npz` (README)')
   if config.evaluate.num_samples < 2 or config.evaluate.round_size < 1:
     _fail('evaluate', 'num_samples must be >= 2 and round_size >= 1')
+  seeds = config.evaluate.sample_seeds or ()
+  if any(not isinstance(seed, int) or seed < 0 for seed in seeds) or len(set(seeds)) != len(seeds):
+    _fail('evaluate.sample_seeds', f'must be distinct non-negative ints, e.g. (0, 1), or None; got {seeds}')
   if config.data.name == 'npz' and not config.data.path:
     _fail('data.path', "name='npz' needs the path of an .npz file with an 'images' array (N, H, W, C) uint8")
   return config

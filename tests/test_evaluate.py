@@ -214,6 +214,28 @@ def test_round_keys_sizes_and_names():
   assert evaluate.model_label('/elsewhere/teacher/model', '/w') == '/elsewhere/teacher'
 
 
+def test_a_second_sample_seed_draws_other_samples_in_rows_of_its_own(runs):
+  """sample_seeds=(0, 1): seed 0 (config.seed) is the existing variant (its rounds reused, its name unchanged),
+  seed 1 a new one with other samples, whose rows sit beside the first's."""
+  config = small_config(**{'evaluate.models': ('distill/stage_2',), 'evaluate.guidance': (False,),
+                           'evaluate.semantic': (False,), 'evaluate.sample_seeds': (0, 1)})
+  first = os.path.join(runs['fresh'], evaluate.EVAL_DIR, 'distill_stage_2_1steps')
+  before = _mtimes(first)
+  out = evaluate.run_evaluate(config, runs['fresh'])
+  assert [(r['variant'], r['sample_seed']) for r in out['rows']] == [('distill_stage_2_1steps', 0),
+                                                                     ('distill_stage_2_1steps_seed1', 1)]
+  assert _mtimes(first) == before  # nothing drawn again for seed 0
+  with np.load(os.path.join(first, 'round_00000.npz')) as a, \
+       np.load(os.path.join(runs['fresh'], evaluate.EVAL_DIR, 'distill_stage_2_1steps_seed1', 'round_00000.npz')) as b:
+    assert not np.array_equal(a['images'], b['images'])
+  rows = _read(runs['fresh'])
+  assert {r['sample_seed'] for r in rows if r['model'] == 'distill/stage_2' and not r['guidance']
+          and not r['semantic']} == {0, 1}
+  assert '| seed |' in _read(runs['fresh'], evaluate.RESULTS_MD)
+  with pytest.raises(config_lib.ConfigError, match='sample_seeds'):
+    config_lib.validate(small_config(**{'evaluate.sample_seeds': (1, 1)}))
+
+
 def test_merge_rows_replaces_same_key_and_appends_new():
   row = lambda model, n, fid: dict(model=model, num_steps=1, guidance=False, semantic=False, num_samples=n,
                                    extractor='e', fid=fid)
@@ -279,7 +301,7 @@ def test_kid_header_and_values_are_the_raw_mmd():
              kid_mean=0.0123, kid_std=0.0011, is_mean=None, is_std=None, extractor='classifier/x')
   table = evaluate.results_table([row])
   assert _table(table) == [{'model': 'm', 'stage': 'teacher', 'steps': '1', 'guidance': 'off', 'semantic': 'off',
-                            'samples': '10', 'FID': '1.000', 'KID': '0.0123 ± 0.0011', 'IS': '-',
+                            'seed': '-', 'samples': '10', 'FID': '1.000', 'KID': '0.0123 ± 0.0011', 'IS': '-',
                             'NN dist (real held-out: -)': '-', 'code sens.': '-', 'shift RMS': '-',
                             'features': 'classifier'}]
   assert 'not scaled by 1e3' in table
@@ -396,7 +418,7 @@ def test_rows_from_before_the_new_columns_still_render(tmp_path):
   plain = dict(new, semantic=False, nn_dist=1.5, code_sensitivity=None, shift_rms=None)
   # One shared baseline: in the header; None: '-'.
   table = _table(evaluate.results_table([new, plain]))
-  assert list(table[0])[9:12] == ['NN dist (real held-out: 2)', 'code sens.', 'shift RMS']
+  assert list(table[0])[10:13] == ['NN dist (real held-out: 2)', 'code sens.', 'shift RMS']
   assert [(r['NN dist (real held-out: 2)'], r['code sens.'], r['shift RMS']) for r in table] == [
       ('0.5', '0.25', '0.125'), ('1.5', '-', '-')]
   # An old results.json row beside new ones: it still loads, and each row shows its own baseline.

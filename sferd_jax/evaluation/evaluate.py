@@ -42,6 +42,7 @@ import json
 import os
 import re
 import time
+from typing import Optional
 import zlib
 
 import jax
@@ -61,7 +62,7 @@ from sferd_jax.training import loop
 EVAL_DIR = 'evaluate'
 RESULTS_JSON = 'results.json'
 RESULTS_MD = 'results.md'
-ROW_KEYS = ('model', 'stage', 'num_steps', 'guidance', 'semantic', 'num_samples', 'fid', 'kid_mean', 'kid_std',
+ROW_KEYS = ('model', 'stage', 'num_steps', 'guidance', 'semantic', 'sample_seed', 'num_samples', 'fid', 'kid_mean', 'kid_std',
             'is_mean', 'is_std', 'nn_dist', 'nn_dist_real', 'code_sensitivity', 'shift_rms', 'extractor')
 # Folds into config.seed so that evaluation noise never coincides with a training phase's.
 _EVAL_SEED_TAG = 0x65766131
@@ -90,12 +91,18 @@ class Variant:
   num_steps: int
   guidance: bool
   semantic: bool
+  sample_seed: Optional[int] = None  # None: config.seed (and the name without a seed suffix, as before seeds)
 
   @property
   def name(self):
     """Folder name and key seed; unique per setting, stable across runs."""
     suffix = ('_guided' if self.guidance else '') + ('_semantic' if self.semantic else '')
-    return f'{safe_name(self.model)}_{self.num_steps}steps{suffix}'
+    seed = '' if self.sample_seed is None else f'_seed{self.sample_seed}'
+    return f'{safe_name(self.model)}_{self.num_steps}steps{suffix}{seed}'
+
+  def seed(self, config):
+    """The seed of this variant's sample keys."""
+    return config.seed if self.sample_seed is None else self.sample_seed
 
 
 def safe_name(text):
@@ -524,7 +531,7 @@ def model_paths(config, workdir):
 
 
 def model_variants(config, workdir, path, model):
-  """The variants of one loaded model: guidance x semantic.
+  """The variants of one loaded model: guidance x semantic x sample seed.
 
   Semantic variants only where the model has a predictor, and never together with guidance (sample() supports
   one or the other).
@@ -542,9 +549,17 @@ def model_variants(config, workdir, path, model):
       if semantic and guidance:
         logging.info('evaluate: %s: guidance and the semantic predictor together are not a sampler; skipping', path)
         continue
-      out.append(Variant(model=model_label(path, workdir), path=path, stage=stage, num_steps=num_steps,
-                         guidance=bool(guidance), semantic=bool(semantic)))
+      for seed in sample_seeds(config):
+        out.append(Variant(model=model_label(path, workdir), path=path, stage=stage, num_steps=num_steps,
+                           guidance=bool(guidance), semantic=bool(semantic),
+                           sample_seed=None if seed == config.seed else seed))
   return out
+
+
+def sample_seeds(config):
+  """config.evaluate.sample_seeds, or (config.seed,): each seed draws its own samples of every variant, so two
+  seeds show how much of a gap between variants is sampling noise."""
+  return tuple(int(s) for s in config.evaluate.sample_seeds or (config.seed,))
 
 
 def sample_kwargs(config, variant):
@@ -559,7 +574,7 @@ def sample_kwargs(config, variant):
 
 def variant_meta(config, variant, model):
   """Everything that decides a variant's round files; resuming with other values would mix samples."""
-  meta = dict(model=variant.model, model_fingerprint=checkpointing.fingerprint(model.params), seed=config.seed,
+  meta = dict(model=variant.model, model_fingerprint=checkpointing.fingerprint(model.params), seed=variant.seed(config),
               round_size=config.evaluate.round_size,
               image_shape=[model.config.model.image_size] * 2 + [model.config.model.channels],
               **sample_kwargs(config, variant))
@@ -613,7 +628,7 @@ def draw_round(model, config, variant, round_index, n):
   # Always draw a full round (or all samples, when fewer): sample i depends only on (key, i), so the last,
   # shorter round is a prefix, and one batch shape means one compilation per variant.
   size = min(config.evaluate.round_size, config.evaluate.num_samples)
-  images = model.sample(round_key(config.seed, variant.name, round_index), num_samples=size,
+  images = model.sample(round_key(variant.seed(config), variant.name, round_index), num_samples=size,
                         **sample_kwargs(config, variant))
   return np.asarray(images)[:n]
 
@@ -685,13 +700,14 @@ def code_sensitivity(config, variant, model):
   """
   if not variant.semantic:
     return dict(code_sensitivity=None, shift_rms=None)
-  out = sampling.code_sensitivity(model, round_key(config.seed, variant.name, _CODE_SENSITIVITY_ROUND),
+  out = sampling.code_sensitivity(model, round_key(variant.seed(config), variant.name, _CODE_SENSITIVITY_ROUND),
                                   num_samples=CODE_SENSITIVITY_SAMPLES)
   return dict(code_sensitivity=float(out['code_sensitivity']), shift_rms=float(out['shift_rms']))
 
 
 def _row_key(row):
-  return (row['model'], row['num_steps'], row['guidance'], row['semantic'], row['num_samples'], row['extractor'])
+  return (row['model'], row['num_steps'], row['guidance'], row['semantic'], row.get('sample_seed'),
+          row['num_samples'], row['extractor'])
 
 
 def merge_rows(old, new):
@@ -722,15 +738,15 @@ def results_table(rows):
   """
   nn_header, nn_cells = _nn_cells(rows)
   lines = ['# FID / KID / IS', '',
-           f'| model | stage | steps | guidance | semantic | samples | FID | KID | IS | {nn_header} | code sens. '
+           f'| model | stage | steps | guidance | semantic | seed | samples | FID | KID | IS | {nn_header} | code sens. '
            '| shift RMS | features |',
-           '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+           '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
   for r, nn in zip(rows, nn_cells):
     kid = '-' if r['kid_mean'] is None else f"{r['kid_mean']:.5g} ± {r['kid_std']:.2g}"
     is_ = '-' if r['is_mean'] is None else f"{r['is_mean']:.3f} ± {r['is_std']:.3f}"
     kind = 'classifier' if r['extractor'].startswith(classifier_lib.EXTRACTOR_PREFIX) else 'inception'
     lines.append(f"| {r['model']} | {r['stage'] or 'teacher'} | {r['num_steps']} | {'on' if r['guidance'] else 'off'} "
-                 f"| {'on' if r['semantic'] else 'off'} | {r['num_samples']} | {_fmt(r['fid'], '.3f')} | {kid} | "
+                 f"| {'on' if r['semantic'] else 'off'} | {_fmt(r.get('sample_seed'), 'd')} | {r['num_samples']} | {_fmt(r['fid'], '.3f')} | {kid} | "
                  f"{is_} | {nn} | {_fmt(r.get('code_sensitivity'), '.4g')} | {_fmt(r.get('shift_rms'), '.4g')} | "
                  f"{kind} |")
   lines += ['', 'KID is the unbiased MMD^2 itself (not scaled by 1e3), mean ± std over subsets; '
@@ -797,7 +813,8 @@ def run_evaluate(config, workdir, *, mesh=None):
       scores = compute_metrics(features, reference, kid_subsets=cfg.kid_subsets, kid_subset_size=cfg.kid_subset_size,
                                seed=config.seed)
       row = dict(model=variant.model, stage=variant.stage, num_steps=variant.num_steps, guidance=variant.guidance,
-                 semantic=variant.semantic, num_samples=int(features['pool'].shape[0]), **scores,
+                 semantic=variant.semantic, sample_seed=variant.seed(config),
+                 num_samples=int(features['pool'].shape[0]), **scores,
                  nn_dist_real=nn_dist_real, **code_sensitivity(config, variant, model), extractor=extractor,
                  variant=variant.name, sampler=config.sample.sampler)
       rows.append(row)
