@@ -1,5 +1,6 @@
 """The semantic gradient predictor wired in: its phase, the latent phase, load() and sample(semantic=True)."""
 
+import json
 import os
 
 import jax
@@ -170,3 +171,51 @@ def test_encode_dataset_in_batches_equals_encoding_all_images_at_once():
   expected = encoder.apply({'params': params['encoder']}, images_lib.from_uint8(images))
   assert codes.shape == (len(source), config.sferd.semantic.latent_dim)
   np.testing.assert_allclose(codes, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_every_stage_gets_a_predictor_by_default_and_samples_with_it(tiny_run, tmp_path):
+  """stages=None: the last three stages (here both): the semantic and latent phases train stage 1's predictor
+  beside stage 2's (which they find finished), and each stage samples with its own."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(tiny_run[0], workdir, ignore=shutil.ignore_patterns('evaluate'))
+  config = tiny.load_config(**{'sferd.semantic.stages': None, 'phases': ('semantic', 'latent')})
+  assert config_lib.semantic_stages(config) == [1, 2]
+  stage2 = checkpointing.fingerprint(sampling.load(_stage(workdir)).semantic.params)
+  pipeline.run_pipeline(config, workdir)
+  for stage, steps in ((1, 2), (2, 1)):
+    model = sampling.load(os.path.join(workdir, 'distill', f'stage_{stage}'))
+    assert model.has_semantic and model.config.num_steps == steps
+    info = checkpointing.read_info(os.path.join(workdir, 'distill', f'stage_{stage}', 'semantic', 'model'))
+    assert info['semantic']['target'] == 'teacher_on_data' and 'stages' not in info['semantic']
+    assert model.sample(jax.random.key(0), num_samples=4, semantic=True).shape == (4, 8, 8, 1)
+    sensitivity = sampling.code_sensitivity(model, jax.random.key(1), num_samples=8)
+    assert set(sensitivity) == {'code_sensitivity', 'shift_rms'}
+    assert all(np.isfinite(v) and v >= 0 for v in sensitivity.values())
+  # Stage 2's predictor was finished: skipped, not retrained.
+  assert checkpointing.fingerprint(sampling.load(_stage(workdir)).semantic.params) == stage2
+  with open(os.path.join(workdir, 'distill', 'stage_1', 'semantic', 'metrics.jsonl')) as f:
+    assert all('code_sensitivity' in json.loads(line) for line in f)
+
+
+def test_class_conditional_codes_follow_the_label():
+  """A class-conditional latent model draws each sample's code for that sample's label: the same key with another
+  label gives another code."""
+  from sferd_jax.models import latent  # pylint: disable=g-import-not-at-top
+  model_config = dict(num_classes=3)
+  latent_config = dict(num_layers=3, width=16, num_steps=4)
+  semantic_config = {'semantic': {'latent_dim': 4}, 'latent': latent_config, 'latent_num_classes': 3}
+  model = latent.make_latent_model(latent_config, num_classes=3)
+  params = jax.jit(lambda key: latent.init_latent_params(model, key, dim=4))(jax.random.key(0))
+  # Random output layer and class embedding, so that the label reaches the codes.
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, p: jax.random.normal(jax.random.key(len(jax.tree_util.keystr(path))), p.shape)
+      if 'out' in jax.tree_util.keystr(path) or 'class_emb' in jax.tree_util.keystr(path) else p, params)
+  semantic_params = {'latent': params, 'stats': {'mean': jnp.zeros(4), 'std': jnp.ones(4)}}
+  keys = jnp.stack([jax.random.key(1)] * 3)
+  draw = jax.jit(lambda labels, cfg_classes: sampling._draw_codes(  # pylint: disable=protected-access
+      model_config, {}, dict(semantic_config, latent_num_classes=cfg_classes), semantic_params, keys, labels),
+                 static_argnums=1)
+  codes = np.asarray(draw(jnp.array([0, 1, 2]), 3))
+  assert not np.allclose(codes[0], codes[1]) and not np.allclose(codes[1], codes[2])
+  np.testing.assert_array_equal(codes[0], np.asarray(draw(jnp.array([0, 0, 0]), 3))[0])

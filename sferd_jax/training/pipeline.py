@@ -23,6 +23,7 @@ from sferd_jax import data as data_lib
 from sferd_jax import images as images_lib
 from sferd_jax import sampling
 from sferd_jax.diffusion import samplers
+from sferd_jax.diffusion import schedules
 from sferd_jax.evaluation import evaluate
 from sferd_jax.models import denoiser
 from sferd_jax.models import latent as latent_lib
@@ -373,7 +374,9 @@ def reconstruction_sampler(config, student, batch, *, num_images=8):
     denoise = semantic_predictor.shifted_denoise_fn(
         student=unet.make_unet(config.model), student_params=student_params, output_type=config.model.output_type,
         predictor=predictor, predictor_params=semantic_params['predictor'], z_sem=z_sem,
-        gradient_param=gradient_param, labels=labels)
+        gradient_param=gradient_param, labels=labels, num_steps=student.config.num_steps,
+        stop_fraction=semantic_predictor.setting(config.sferd.semantic, 'stop_fraction'),
+        logsnr_fn=lambda t: schedules.cosine_logsnr(t, **diffusion_config))
     return samplers.sample_loop(denoise_fn=denoise, z_init=z, num_steps=student.config.num_steps,
                                 rng=jax.random.key(config.seed), **diffusion_config)
 
