@@ -202,8 +202,11 @@ print('mean |guided - plain| in grey levels:',
 
 SEMANTIC_MD = r"""## The semantic gradient predictor, on and off
 
-A stage listed in `config.sferd.semantic.stages` (by default the last) gets a predictor and a latent model that
-draws its semantic codes. `semantic=True` samples the student with it; off is the plain student, exactly.
+A stage listed in `config.sferd.semantic.stages` (by default the last three: the 4-, 2- and 1-step students) gets
+a predictor and a latent model that draws its semantic codes. The predictor is trained against a target that
+depends on the clean image beyond the noisy input (`config.sferd.semantic.target`), so its code matters:
+`sampling.code_sensitivity` measures by how much. `semantic=True` samples the student with it; off is the plain
+student, exactly.
 """
 
 SEMANTIC = r"""last = students[-1] if students else None
