@@ -7,7 +7,8 @@ model: --config.distill.teacher=/path/to/model. Distillation settings are PD's c
 per halving, batch 128, Adam 5e-5 annealed linearly to 0 in each stage, clipping 1, no EMA, no dropout, 8192 -> 1
 steps (13 stages; --config.distill.start_num_steps=1024 gives the shorter 10-stage chain). SFERD's attention
 guidance (SFERD.md §3 defaults: decoder's 16x16 block, threshold 1, blur 15/3, w 0.3) guides every teacher
-evaluation; the semantic predictor and its latent model are trained on the last (1-step) student.
+evaluation; a semantic predictor (target: the guided teacher on re-noised data, the official code's) and its
+latent model are trained on each of the 4-, 2- and 1-step students.
 Expected runtime: not yet measured for this code on a GPU. The PD anchor's distill step takes 125 ms at batch 128
 on one H200; 13 x 50k steps at that rate is ~23 hours, and guidance adds ~40% teacher work (bench/).
 Expected result: the paper reports one-step FID 5.31 (PD alone: 9.12 at 1 step, 4.51 at 2, 3.00 at 4). Score with

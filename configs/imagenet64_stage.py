@@ -5,7 +5,9 @@ r"""ImageNet 64x64 SFERD distillation (class-conditional): 1024 -> 1 steps, atte
 Starts from configs/imagenet64_teacher.py's export in the same --workdir, or --config.distill.teacher=<model>.
 Distillation settings are PD's config/imagenet64_distill.py: 50k updates per halving, batch 2048, Adam 1e-4
 annealed linearly to 0 per stage, clipping 1, no EMA, no dropout, 1024 -> 1 steps (10 stages). Attention guidance
-uses the decoder's 32x32 block (the paper's most variance-correlated map), SFERD.md §3 defaults otherwise.
+uses the decoder's 32x32 block (the paper's most variance-correlated map), SFERD.md §3 defaults otherwise. The
+4-, 2- and 1-step students each get a semantic predictor; its latent model is class-conditional, so
+sample(labels=..., semantic=True) draws codes of those classes.
 Expected runtime: not yet measured for this code. Expected result: the paper reports one-step FID 9.39.
 """
 

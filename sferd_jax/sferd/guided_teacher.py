@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sferd_jax.diffusion import process
+from sferd_jax.models import denoiser
+from sferd_jax.models import unet
 
 # 'reflect' mirrors without repeating the edge (d c b | a b c d | c b a): jnp.pad's and torch's 'reflect', which
 # torchvision's GaussianBlur (the official code's blur) uses; scipy.ndimage calls it 'mirror'.
@@ -205,7 +207,6 @@ def is_active(cfg):
 
 def guidance_block(model_config, cfg):
   """The attention block whose map drives guidance: cfg.block, or the decoder's highest-resolution one."""
-  from sferd_jax.models import unet  # pylint: disable=g-import-not-at-top
   return cfg['block'] or unet.default_guidance_block(model_config)
 
 
@@ -216,7 +217,6 @@ def denoise_factory(model_config, cfg):
   Only the guidance block materialises its attention probabilities, in pass 1; pass 2 and every other block
   keep the fused attention path.
   """
-  from sferd_jax.models import denoiser, unet  # pylint: disable=g-import-not-at-top
   output_type = model_config['output_type']
   plain = unet.make_unet(model_config)
   if cfg is None or not is_active(cfg):
@@ -240,7 +240,6 @@ def denoise_factory(model_config, cfg):
 
 def validate_config(cfg, model_config):
   """Raises ValueError naming the key for a guidance section that cannot work with this model."""
-  from sferd_jax.models import unet  # pylint: disable=g-import-not-at-top
   names = [b.name for b in unet.attention_blocks(model_config)]
   if cfg['block'] is not None and cfg['block'] not in names:
     raise ValueError(f"block={cfg['block']!r} is not an attention block of this model; its blocks are {names}")
