@@ -257,7 +257,8 @@ def semantic_step(config, *, params, mesh):
   step = steps_lib.make_semantic_step(
       student=unet.make_unet(config.model), encoder=encoder, predictor=predictor, model_config=config.model,
       semantic_config=config.sferd.semantic, diffusion_config=config.diffusion.to_dict(), train_config=train_config,
-      tx=tx, schedule=schedule, teacher_fn=guided_teacher.denoise_factory(config.model, config.sferd.attention_guidance))
+      tx=tx, schedule=schedule,
+      teacher_fn=guided_teacher.denoise_factory(config.model, config.sferd.attention_guidance))
   semantic_params = random_params(
       lambda rng: semantic_lib.init_semantic_params(encoder, predictor, rng, model_config=config.model), seed=1)
   state = init_state(semantic_params, tx=tx, ema_decay=train_config.ema_decay, mesh=mesh)

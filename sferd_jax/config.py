@@ -125,10 +125,11 @@ def base_config():
 
   config.sferd.semantic = dict(   # the semantic encoder E_phi and gradient predictor G_tau (SFERD.md §4)
       stages=_optional(tuple),  # distillation stages that get a predictor; negative counts from the end (-1 = last);
-                              # None = the last three (the 1-, 2- and 4-step students), or every stage of shorter runs
+                              # None = the last three (the 4-, 2-, 1-step students of a run ending at 1 step), or
+                              # every stage of shorter runs
       target='teacher_on_data',  # what the shifted student regresses (it must depend on x0 beyond z_t):
                               # teacher_on_data (the official code) | x0 (PDAE) | pd (PD's target; a control)
-      stop_fraction=0.3,      # sampling: the last floor(stop_fraction * N) steps run unshifted (PDAE's 0.3)
+      stop_fraction=0.3,      # sampling only: the last floor(stop_fraction * N) steps run unshifted (PDAE's 0.3)
       latent_dim=128,         # size of the semantic code z_sem
       encoder_ch=64,          # E_phi's first-stage channels (then 2x, 4x, 4x, ...)
       form='shift',           # shift: a modulated copy of the student's decoder on its frozen encoder features

@@ -35,7 +35,16 @@ class SemanticPredictor:
   params: Any            # {'encoder': E_phi, 'predictor': G_tau}
   latent_params: Any     # the latent denoiser (MLPSkipNet)
   stats: Any             # {'mean', 'std'} of E_phi's codes over the training set
-  config: ml_collections.ConfigDict  # {'semantic': config.sferd.semantic, 'latent': config.sferd.latent}
+  # {'semantic': config.sferd.semantic, 'latent': config.sferd.latent, 'latent_num_classes': 0 = unconditional}
+  config: ml_collections.ConfigDict
+
+  def with_stop_fraction(self, stop_fraction):
+    """The same predictor, sampled with PDAE's switch-off at another fraction (a sampling setting only)."""
+    if not 0.0 <= float(stop_fraction) < 1.0:
+      raise ValueError(f'stop_fraction must be in [0, 1), got {stop_fraction}')
+    config = self.config.to_dict()
+    config['semantic']['stop_fraction'] = float(stop_fraction)
+    return dataclasses.replace(self, config=ml_collections.ConfigDict(config))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,15 +59,19 @@ class Model:
   def has_semantic(self):
     return self.semantic is not None
 
-  def sample(self, rng, *, num_samples, num_steps=None, semantic=False, **kwargs):
+  def sample(self, rng, *, num_samples, num_steps=None, semantic=False, stop_fraction=None, **kwargs):
     """sample() with this model's architecture and, by default, its own step count; semantic=True adds the
-    semantic gradient predictor (a code drawn from the latent model)."""
+    semantic gradient predictor (a code drawn from the latent model), shifting all but the last
+    floor(stop_fraction * num_steps) steps (None: the stop_fraction the predictor was exported with)."""
     if semantic and self.semantic is None:
       raise ValueError(f'{self.path} has no semantic gradient predictor: run the semantic and latent phases for '
                        f'its stage (config.phases, config.sferd.semantic.stages)')
+    predictor = self.semantic if semantic else None
+    if predictor is not None and stop_fraction is not None:
+      predictor = predictor.with_stop_fraction(stop_fraction)
     return sample(self.params, rng, model_config=self.config.model, num_samples=num_samples,
                   num_steps=num_steps or self.config.num_steps, diffusion_config=self.config.diffusion,
-                  semantic=self.semantic if semantic else None, **kwargs)
+                  semantic=predictor, **kwargs)
 
 
 def _frozen(mapping):
@@ -333,9 +346,10 @@ def write_samples(config, workdir):
   model = load(in_workdir(config.sample.model, workdir))
   num_steps = config.sample.num_steps or model.config.num_steps
   guidance = dict(config.sferd.attention_guidance, enabled=True) if config.sample.guidance else None
+  semantic = {'semantic': True, 'stop_fraction': config.sferd.semantic.stop_fraction} if config.sample.semantic else {}
   images = model.sample(jax.random.key(config.seed), num_samples=config.sample.num_samples, num_steps=num_steps,
                         sampler=config.sample.sampler, clip_x=config.sample.clip_x, guidance=guidance,
-                        semantic=config.sample.semantic, batch_size=config.sample.batch_size)
+                        batch_size=config.sample.batch_size, **semantic)
   name = (f'{model.config.name}_{num_steps}steps_{config.sample.sampler}' + ('_guided' if guidance else '')
           + ('_semantic' if config.sample.semantic else ''))
   if jax.process_index() != 0:  # every process samples the same images; one writes them

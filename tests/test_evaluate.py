@@ -51,10 +51,12 @@ class InjectedFailure(RuntimeError):
 
 
 SENSITIVITY_CALLS = []
+REAL_CODE_SENSITIVITY = sampling.code_sensitivity
 
 
 def _fake_code_sensitivity(model, rng, *, num_samples):
-  """Stands in for sampling.code_sensitivity (another change's): a function of its key, recording its calls."""
+  """Stands in for sampling.code_sensitivity (a trained predictor's, tested in test_semantic_pipeline): a function
+  of its key, recording its calls, so that these tests check evaluate's plumbing without the predictor's cost."""
   SENSITIVITY_CALLS.append((model.path, jax.random.key_data(rng).tolist(), num_samples))
   value = float(jax.random.uniform(rng))
   return {'code_sensitivity': value, 'shift_rms': 2.0 * value}
@@ -62,7 +64,7 @@ def _fake_code_sensitivity(model, rng, *, num_samples):
 
 @pytest.fixture(autouse=True)
 def fake_code_sensitivity(monkeypatch):
-  monkeypatch.setattr(sampling, 'code_sensitivity', _fake_code_sensitivity, raising=False)
+  monkeypatch.setattr(sampling, 'code_sensitivity', _fake_code_sensitivity)
 
 
 @pytest.fixture(scope='module')
@@ -83,7 +85,7 @@ def runs(tiny_run, tmp_path_factory):
 
   SENSITIVITY_CALLS.clear()
   with pytest.MonkeyPatch.context() as fake:
-    fake.setattr(sampling, 'code_sensitivity', _fake_code_sensitivity, raising=False)
+    fake.setattr(sampling, 'code_sensitivity', _fake_code_sensitivity)
     with pytest.MonkeyPatch.context() as mp:
       mp.setattr(sampling.Model, 'sample', failing_sample)
       with pytest.raises(InjectedFailure):
@@ -138,7 +140,7 @@ def test_one_row_per_variant_in_json_and_markdown(runs):
   header = f"NN dist (real held-out: {rows[0]['nn_dist_real']:.4g})"
   assert [r[header] for r in _table(table)] == [f"{r['nn_dist']:.4g}" for r in rows]
   assert [r['code sens.'] for r in _table(table)] == ['-'] * 6 + [f"{rows[-1]['code_sensitivity']:.4g}"]
-  assert 'suggests memorisation' in table and "mean |x'(c_i) - x'(c_j)|" in table
+  assert 'suggest memorisation' in table and "mean |x'(c_i) - x'(c_j)|" in table
   # Guided and unguided samples of one model differ; so do the models.
   images = {}
   for row in rows:
@@ -237,12 +239,16 @@ def test_a_second_sample_seed_draws_other_samples_in_rows_of_its_own(runs):
 
 
 def test_merge_rows_replaces_same_key_and_appends_new():
-  row = lambda model, n, fid: dict(model=model, num_steps=1, guidance=False, semantic=False, num_samples=n,
-                                   extractor='e', fid=fid)
+  row = lambda model, n, fid: dict(model=model, variant=f'{model}_1steps', num_steps=1, guidance=False,
+                                   semantic=False, num_samples=n, extractor='e', fid=fid)
   old = [row('a', 10, 1.0), row('b', 10, 2.0)]
   merged = evaluate.merge_rows(old, [row('b', 10, 3.0), row('a', 20, 4.0)])
   assert [(r['model'], r['num_samples'], r['fid']) for r in merged] == [('a', 10, 1.0), ('b', 10, 3.0),
                                                                          ('a', 20, 4.0)]
+  # A row written before sample_seeds existed (no 'sample_seed') is replaced by config.seed's row of its variant.
+  before = [row('a', 10, 1.0)]
+  assert evaluate.merge_rows(before, [dict(row('a', 10, 5.0), sample_seed=0)]) == [dict(row('a', 10, 5.0),
+                                                                                         sample_seed=0)]
 
 
 def _fake_inception(dim=16):
@@ -411,9 +417,9 @@ def test_held_out_images_leave_themselves_out_and_are_cached(tmp_path):
 
 
 def test_rows_from_before_the_new_columns_still_render(tmp_path):
-  old = dict(model='m', stage=0, num_steps=1, guidance=False, semantic=False, num_samples=10, fid=1.0, kid_mean=None,
-             kid_std=None, is_mean=None, is_std=None, extractor='classifier/x')
-  new = dict(old, model='s', stage=2, semantic=True, nn_dist=0.5, nn_dist_real=2.0, code_sensitivity=0.25,
+  old = dict(model='m', variant='m_1steps', stage=0, num_steps=1, guidance=False, semantic=False, num_samples=10,
+             fid=1.0, kid_mean=None, kid_std=None, is_mean=None, is_std=None, extractor='classifier/x')
+  new = dict(old, model='s', variant='s_1steps_semantic', stage=2, semantic=True, nn_dist=0.5, nn_dist_real=2.0, code_sensitivity=0.25,
              shift_rms=0.125)
   plain = dict(new, semantic=False, nn_dist=1.5, code_sensitivity=None, shift_rms=None)
   # One shared baseline: in the header; None: '-'.
@@ -429,3 +435,16 @@ def test_rows_from_before_the_new_columns_still_render(tmp_path):
     mixed = _table(f.read())
   assert [r['NN dist (real held-out: per row)'] for r in mixed] == ['- (real -)', '0.5 (real 2)']
   assert [(r['code sens.'], r['shift RMS']) for r in mixed] == [('-', '-'), ('0.25', '0.125')]
+
+
+def test_the_real_code_sensitivity_fills_a_semantic_row(tiny_run, monkeypatch):
+  monkeypatch.setattr(sampling, 'code_sensitivity', REAL_CODE_SENSITIVITY)
+  config = small_config()
+  model = sampling.load(os.path.join(tiny_run[0], 'distill', 'stage_2'))
+  variant = evaluate.model_variants(config, tiny_run[0], model.path, model)[-1]
+  assert variant.semantic
+  out = evaluate.code_sensitivity(config, variant, model)
+  assert out == evaluate.code_sensitivity(config, variant, model)  # a function of (seed, variant)
+  assert all(np.isfinite(v) and v >= 0 for v in out.values())
+  assert evaluate.code_sensitivity(config, evaluate.model_variants(config, tiny_run[0], model.path, model)[0],
+                                   model) == dict(code_sensitivity=None, shift_rms=None)

@@ -17,7 +17,9 @@ def _imports(subpackage):
       tree = ast.parse(f.read())
     found = []
     for node in ast.walk(tree):
-      if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith('sferd_jax'):
+      if isinstance(node, ast.ImportFrom) and node.level:  # relative: not checked below, so not allowed
+        found.append(f"{'.' * node.level}{node.module or ''} (relative)")
+      elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith('sferd_jax'):
         found += [f'{node.module}.{alias.name}' for alias in node.names]
       elif isinstance(node, ast.Import):
         found += [alias.name for alias in node.names if alias.name.startswith('sferd_jax')]

@@ -414,9 +414,9 @@ def test_config_entry_point_reads_every_key_and_validates():
   # 'both' students still get a g of the image's shape.
   _, predictor = semantic.make_semantic_models(_model_config(output_type='both'), config)
   assert predictor.out_channels == 3
-  # The settings semantic_predictor reads may be left out (exports older than them): their defaults apply.
+  # The settings semantic_predictor reads may be missing from exports older than them: what those did applies.
   assert sg.setting(semantic.SEMANTIC_DEFAULTS, 'gradient_param') == 'x_shift'
-  assert sg.setting(semantic.SEMANTIC_DEFAULTS, 'target') == 'teacher_on_data'
+  assert sg.setting(semantic.SEMANTIC_DEFAULTS, 'target') == 'pd'
   for overrides, message in [(dict(gradient_param='eps'), 'gradient_param'), (dict(target='x1'), 'target'),
                              (dict(stop_fraction=1.0), 'stop_fraction')]:
     with pytest.raises(ValueError, match=message):

@@ -219,3 +219,48 @@ def test_class_conditional_codes_follow_the_label():
   codes = np.asarray(draw(jnp.array([0, 1, 2]), 3))
   assert not np.allclose(codes[0], codes[1]) and not np.allclose(codes[1], codes[2])
   np.testing.assert_array_equal(codes[0], np.asarray(draw(jnp.array([0, 0, 0]), 3))[0])
+
+
+def test_exports_from_before_the_target_and_the_switch_off_still_load_and_sample(tiny_run, tmp_path):
+  """A stage exported before `target`, `stop_fraction` and `gradient_param` (semantic) and `num_classes` (latent)
+  were recorded: it loads, reads as PD's target without a switch-off, and samples as an export that has them."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from sferd_jax.sferd import semantic_predictor  # pylint: disable=g-import-not-at-top
+  stage = str(tmp_path / 'stage_2')
+  shutil.copytree(_stage(tiny_run[0]), stage, ignore=shutil.ignore_patterns('checkpoints'))
+  for part, keys in (('semantic', ('target', 'stop_fraction', 'gradient_param')), ('latent', ('num_classes',))):
+    path = os.path.join(stage, part, 'model', checkpointing.MODEL_JSON)
+    with open(path) as f:
+      info = json.load(f)
+    for key in keys:
+      (info['semantic'] if part == 'semantic' else info).pop(key, None)
+    with open(path, 'w') as f:
+      json.dump(info, f)
+  old = sampling.load(stage)
+  assert semantic_predictor.setting(old.semantic.config.semantic, 'target') == 'pd'
+  assert semantic_predictor.setting(old.semantic.config.semantic, 'stop_fraction') == 0.0
+  assert old.semantic.config.latent_num_classes == 0
+  new = sampling.load(_stage(tiny_run[0]))
+  np.testing.assert_array_equal(old.sample(jax.random.key(2), num_samples=4, semantic=True),
+                                new.sample(jax.random.key(2), num_samples=4, semantic=True))  # 1 step: no switch-off
+  # stop_fraction is a sampling setting: overridden per call, validated.
+  with np.testing.assert_raises(ValueError):
+    new.sample(jax.random.key(2), num_samples=4, semantic=True, stop_fraction=1.0)
+
+
+def test_stop_fraction_is_a_sampling_setting(tiny_run):
+  """with_stop_fraction(0.5) at 2 steps leaves the last step unshifted: other images than shifting both steps,
+  the same at 1 step (floor(0.5) = 0 steps off)."""
+  model = sampling.load(tiny_run[0])
+  predictor = dict(model.semantic.params['predictor'])
+  predictor['conv_out'] = jax.tree.map(lambda p: p + 0.2 * jax.random.normal(jax.random.key(7), p.shape),
+                                       predictor['conv_out'])
+  strong = sampling.SemanticPredictor(params=dict(model.semantic.params, predictor=predictor),
+                                      latent_params=model.semantic.latent_params, stats=model.semantic.stats,
+                                      config=model.semantic.config).with_stop_fraction(0.0)
+  draw = lambda semantic, steps: sampling.sample(model.params, jax.random.key(6), model_config=model.config.model,
+                                                 num_samples=8, num_steps=steps, semantic=semantic)
+  half = strong.with_stop_fraction(0.5)
+  assert half.config.semantic.stop_fraction == 0.5 and strong.config.semantic.stop_fraction == 0.0
+  assert not np.array_equal(draw(strong, 2), draw(half, 2))
+  np.testing.assert_array_equal(draw(strong, 1), draw(half, 1))

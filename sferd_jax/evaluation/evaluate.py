@@ -18,7 +18,7 @@ a warning; FID and IS are.
 Memorisation check (a 1-step student with semantic codes can act as a decoder of latent samples, i.e. copy the
 training set): nn_dist is the mean Euclidean distance, in feature space, from a variant's samples to their nearest
 reference image (images of config.data, the training split); nn_dist_real, once per evaluation, is the same for
-held-out real images (see held_out_images). Samples much closer to training images than held-out real images are
+held-out real images (see held_out_images). Samples much closer to training images than held-out real images
 suggest memorisation. Both are the first NN_MAX_IMAGES images' mean; None ('-') without reference features. Only
 copies of reference images show: all of config.data when num_samples >= its size, else a seeded subset of it.
 
@@ -62,8 +62,8 @@ from sferd_jax.training import loop
 EVAL_DIR = 'evaluate'
 RESULTS_JSON = 'results.json'
 RESULTS_MD = 'results.md'
-ROW_KEYS = ('model', 'stage', 'num_steps', 'guidance', 'semantic', 'sample_seed', 'num_samples', 'fid', 'kid_mean', 'kid_std',
-            'is_mean', 'is_std', 'nn_dist', 'nn_dist_real', 'code_sensitivity', 'shift_rms', 'extractor')
+ROW_KEYS = ('model', 'stage', 'num_steps', 'guidance', 'semantic', 'sample_seed', 'num_samples', 'fid', 'kid_mean',
+            'kid_std', 'is_mean', 'is_std', 'nn_dist', 'nn_dist_real', 'code_sensitivity', 'shift_rms', 'extractor')
 # Folds into config.seed so that evaluation noise never coincides with a training phase's.
 _EVAL_SEED_TAG = 0x65766131
 # The classifier holds its training images in device memory: a seeded subset of larger datasets is enough.
@@ -563,12 +563,13 @@ def sample_seeds(config):
 
 
 def sample_kwargs(config, variant):
-  """Model.sample's keyword arguments for a variant (semantic only when on: models without it lack the option)."""
+  """Model.sample's keyword arguments for a variant (semantic only when on: models without it lack the option),
+  the predictor's switch-off from config.sferd.semantic.stop_fraction, a sampling setting."""
   kwargs = dict(num_steps=variant.num_steps, sampler=config.sample.sampler, clip_x=config.sample.clip_x,
                 batch_size=config.sample.batch_size,
                 guidance=dict(config.sferd.attention_guidance, enabled=True) if variant.guidance else None)
   if variant.semantic:
-    kwargs['semantic'] = True
+    kwargs.update(semantic=True, stop_fraction=float(config.sferd.semantic.stop_fraction))
   return kwargs
 
 
@@ -706,8 +707,9 @@ def code_sensitivity(config, variant, model):
 
 
 def _row_key(row):
-  return (row['model'], row['num_steps'], row['guidance'], row['semantic'], row.get('sample_seed'),
-          row['num_samples'], row['extractor'])
+  # The variant's name: the setting and, for seeds other than config.seed, the seed (rows written before
+  # sample_seeds existed have the same name as config.seed's rows now).
+  return (row['variant'], row['num_samples'], row['extractor'])
 
 
 def merge_rows(old, new):
@@ -738,21 +740,21 @@ def results_table(rows):
   """
   nn_header, nn_cells = _nn_cells(rows)
   lines = ['# FID / KID / IS', '',
-           f'| model | stage | steps | guidance | semantic | seed | samples | FID | KID | IS | {nn_header} | code sens. '
-           '| shift RMS | features |',
+           f'| model | stage | steps | guidance | semantic | seed | samples | FID | KID | IS | {nn_header} '
+           '| code sens. | shift RMS | features |',
            '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
   for r, nn in zip(rows, nn_cells):
     kid = '-' if r['kid_mean'] is None else f"{r['kid_mean']:.5g} ± {r['kid_std']:.2g}"
     is_ = '-' if r['is_mean'] is None else f"{r['is_mean']:.3f} ± {r['is_std']:.3f}"
     kind = 'classifier' if r['extractor'].startswith(classifier_lib.EXTRACTOR_PREFIX) else 'inception'
     lines.append(f"| {r['model']} | {r['stage'] or 'teacher'} | {r['num_steps']} | {'on' if r['guidance'] else 'off'} "
-                 f"| {'on' if r['semantic'] else 'off'} | {_fmt(r.get('sample_seed'), 'd')} | {r['num_samples']} | {_fmt(r['fid'], '.3f')} | {kid} | "
-                 f"{is_} | {nn} | {_fmt(r.get('code_sensitivity'), '.4g')} | {_fmt(r.get('shift_rms'), '.4g')} | "
+                 f"| {'on' if r['semantic'] else 'off'} | {_fmt(r.get('sample_seed'), 'd')} | {r['num_samples']} | "
+                 f"{_fmt(r['fid'], '.3f')} | {kid} | {is_} | {nn} | {_fmt(r.get('code_sensitivity'), '.4g')} | {_fmt(r.get('shift_rms'), '.4g')} | "
                  f"{kind} |")
   lines += ['', 'KID is the unbiased MMD^2 itself (not scaled by 1e3), mean ± std over subsets; '
             "'-': not computed (reference statistics without features, or no logits for IS).", '',
             'NN dist: mean feature distance of samples to their nearest training (reference) image, beside that of '
-            'held-out real images: samples much closer to training images than held-out real images are suggests '
+            'held-out real images: samples much closer to training images than held-out real images suggest '
             'memorisation.', '',
             "code sens.: mean |x'(c_i) - x'(c_j)| over pairs of codes at the same noisy input; shift RMS: RMS of the "
             "semantic predictor's shift of x (semantic variants only).", '', 'Features:']

@@ -4,7 +4,7 @@ The formulas are the ones of the literature's reference code, so numbers are com
 feature extractor and sample count: FID as TTUR / pytorch-fid (covariance with ddof=1, scipy sqrtm), KID as
 Binkowski et al. / clean-fid (unbiased MMD^2, kernel (x.y / d + 1)^3, averaged over random subsets), IS as
 Salimans et al. (exp E[KL(p(y|x) || p(y))] per split). Also the nearest-neighbour distance of the memorisation
-check (samples much closer to training images than held-out real images are suggest copies).
+check (samples much closer to training images than held-out real images suggest copies).
 """
 
 import hashlib

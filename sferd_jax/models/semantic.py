@@ -14,7 +14,7 @@ Parameters are float32; `dtype` is the compute dtype (the model config's), outpu
 """
 
 import functools
-from typing import Any, Optional
+from typing import Any
 
 import chex
 import flax.linen as nn

@@ -180,8 +180,8 @@ def semantic_loss(semantic_params, *, encode_fn: EncodeFn, gradient_fn: Gradient
 
   Returns:
     (loss, metrics): loss the batch mean; metrics {'loss', 'student_loss' (the plain student's, the baseline to
-    beat), 'shift_rms', 'code_sensitivity' (code_sensitivity of each input's own code against the next example's
-    code, at the same z; no gradient)}.
+    beat), 'shift_rms', 'code_sensitivity' (code_sensitivity of each input's own code against the previous
+    example's code, at the same z; no gradient)}.
   """
   student_pred = jax.lax.stop_gradient(student_pred)
   target = jax.lax.stop_gradient(target)
@@ -193,7 +193,8 @@ def semantic_loss(semantic_params, *, encode_fn: EncodeFn, gradient_fn: Gradient
                                loss_type=loss_type).mean()
   student_loss = losses.denoising_loss(pred=student_pred, x_target=target.x, eps_target=target.eps, logsnr=logsnr,
                                        loss_type=loss_type).mean()
-  # Another image's code at the same z: the metric the predictor exists for, at the cost of one more G_tau pass.
+  # The previous example's code at the same z (roll by one; 0 for a batch of one): the metric the predictor exists
+  # for, at the cost of one more G_tau pass.
   g_other = gradient_fn(jax.lax.stop_gradient(semantic_params['predictor']), z, logsnr,
                         jax.lax.stop_gradient(jnp.roll(z_sem, 1, axis=0)))
   x_other = shift_x(x_hat=student_pred.x, g=g_other, logsnr=logsnr)
@@ -304,14 +305,17 @@ def shifted_denoise_fn(*, student, student_params, output_type, predictor, predi
   return denoise_fn
 
 
-# Config entry point: the keys of config.sferd.semantic this module reads (models/semantic.py reads the others).
+# Config entry point: the keys of config.sferd.semantic this module reads (models/semantic.py reads the others;
+# config.py holds their defaults).
 
-CONFIG_DEFAULTS = dict(target='teacher_on_data', gradient_param='x_shift', stop_fraction=PDAE_STOP_FRACTION)
+# What an export written before a key existed did: PD's target, no switch-off.
+LEGACY_SETTINGS = dict(target='pd', gradient_param='x_shift', stop_fraction=0.0)
 
 
 def setting(semantic_config, key):
-  """A key of the semantic section, or its default for exports written before the key existed."""
-  return semantic_config[key] if key in semantic_config else CONFIG_DEFAULTS[key]
+  """A key of a semantic section (a config's, or an export's model.json), or, for an export written before the key
+  existed, what that export was trained and sampled with (LEGACY_SETTINGS)."""
+  return semantic_config[key] if key in semantic_config else LEGACY_SETTINGS[key]
 
 
 def validate_config(semantic_config):

@@ -196,7 +196,7 @@ def run_distill(config, workdir, *, mesh=None):
                                      diffusion_config=config.diffusion.to_dict(), train_config=train_config, tx=tx,
                                      schedule=schedule,
                                      teacher_fn=guided_teacher.denoise_factory(config.model,
-                                                                                   config.sferd.attention_guidance))
+                                                                               config.sferd.attention_guidance))
   batches = make_batches(config, train_config, seed_offset=1)
   init = init_fn(config, train_config, tx)  # one function for all stages: its jitted form is traced once
   rows = []
@@ -322,7 +322,8 @@ def run_semantic(config, workdir, *, mesh=None):
         name=f'semantic stage {stage} ({num_steps}-step student)', directory=directory, train_config=train_config,
         step=step, init_state=init, init_args=(rng, student.params),
         extra_args=(student.params, teacher_params, jnp.int32(num_steps)),
-        meta=dict(semantic=semantic_settings(config), data=data_lib.data_config(config), seed=config.seed,
+        meta=dict(semantic=semantic_settings(config, training=True), data=data_lib.data_config(config),
+                  seed=config.seed,
                   loss=train_config.loss, student=checkpointing.fingerprint(student.params),
                   attention_guidance=guidance_meta(config), training=training_meta(train_config)),
         sample_fn=reconstruction_sampler(config, student, batches.get(0)))
@@ -333,10 +334,11 @@ def run_semantic(config, workdir, *, mesh=None):
     logging.info('semantic stage %d: exported to %s', stage, export_path)
 
 
-def semantic_settings(config):
-  """What a stage's predictor was trained with: config.sferd.semantic without `stages` (which stages get one
-  does not change any one of them)."""
-  return {k: v for k, v in config.sferd.semantic.to_dict().items() if k != 'stages'}
+def semantic_settings(config, *, training=False):
+  """config.sferd.semantic as a stage's predictor records it: without `stages` (which stages get one changes none
+  of them) and, in a phase's resume record (training=True), without the sampling-only `stop_fraction`."""
+  skip = ('stages', 'stop_fraction') if training else ('stages',)
+  return {k: v for k, v in config.sferd.semantic.to_dict().items() if k not in skip}
 
 
 def load_stage_teacher(config, workdir, stage, student, *, sharding=None):

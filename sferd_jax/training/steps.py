@@ -107,7 +107,7 @@ def make_distill_step(*, model, model_config, diffusion_config, train_config, tx
 
   The teacher's parameters and the student's step count are arguments (the count traced), so one compilation
   serves every stage of a run. teacher_fn(params, labels) -> denoise_fn builds the teacher's prediction (plain,
-  or attention-guided: sferd.attention_guidance.denoise_factory); no gradient reaches it.
+  or attention-guided: sferd.guided_teacher.denoise_factory); no gradient reaches it.
   """
   logsnr_fn = lambda t: schedules.cosine_logsnr(t, **diffusion_config)
 
