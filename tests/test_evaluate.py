@@ -419,8 +419,8 @@ def test_held_out_images_leave_themselves_out_and_are_cached(tmp_path):
 def test_rows_from_before_the_new_columns_still_render(tmp_path):
   old = dict(model='m', variant='m_1steps', stage=0, num_steps=1, guidance=False, semantic=False, num_samples=10,
              fid=1.0, kid_mean=None, kid_std=None, is_mean=None, is_std=None, extractor='classifier/x')
-  new = dict(old, model='s', variant='s_1steps_semantic', stage=2, semantic=True, nn_dist=0.5, nn_dist_real=2.0, code_sensitivity=0.25,
-             shift_rms=0.125)
+  new = dict(old, model='s', variant='s_1steps_semantic', stage=2, semantic=True, nn_dist=0.5, nn_dist_real=2.0,
+             code_sensitivity=0.25, shift_rms=0.125)
   plain = dict(new, semantic=False, nn_dist=1.5, code_sensitivity=None, shift_rms=None)
   # One shared baseline: in the header; None: '-'.
   table = _table(evaluate.results_table([new, plain]))

@@ -749,8 +749,8 @@ def results_table(rows):
     kind = 'classifier' if r['extractor'].startswith(classifier_lib.EXTRACTOR_PREFIX) else 'inception'
     lines.append(f"| {r['model']} | {r['stage'] or 'teacher'} | {r['num_steps']} | {'on' if r['guidance'] else 'off'} "
                  f"| {'on' if r['semantic'] else 'off'} | {_fmt(r.get('sample_seed'), 'd')} | {r['num_samples']} | "
-                 f"{_fmt(r['fid'], '.3f')} | {kid} | {is_} | {nn} | {_fmt(r.get('code_sensitivity'), '.4g')} | {_fmt(r.get('shift_rms'), '.4g')} | "
-                 f"{kind} |")
+                 f"{_fmt(r['fid'], '.3f')} | {kid} | {is_} | {nn} | {_fmt(r.get('code_sensitivity'), '.4g')} | "
+                 f"{_fmt(r.get('shift_rms'), '.4g')} | {kind} |")
   lines += ['', 'KID is the unbiased MMD^2 itself (not scaled by 1e3), mean ± std over subsets; '
             "'-': not computed (reference statistics without features, or no logits for IS).", '',
             'NN dist: mean feature distance of samples to their nearest training (reference) image, beside that of '
