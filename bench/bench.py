@@ -273,7 +273,7 @@ def semantic_predictor_params(config, seed=2):
   """sample()'s semantic_params: {'predictor': G_tau, 'latent': the latent denoiser, 'stats': code statistics}."""
   encoder, predictor = semantic_lib.make_semantic_models(config.model, config.sferd.semantic)
   dim = config.sferd.semantic.latent_dim
-  latent_model = latent_lib.make_latent_model(config.sferd.latent)
+  latent_model = latent_lib.make_latent_model(config.sferd.latent, num_classes=config.model.num_classes)
   both = random_params(
       lambda rng: semantic_lib.init_semantic_params(encoder, predictor, rng, model_config=config.model), seed)
   return {'predictor': both['predictor'],
@@ -292,7 +292,8 @@ class Sampler:
     semantic_params = None
     if semantic:
       semantic_json = sampling._frozen(  # pylint: disable=protected-access
-          {'semantic': config.sferd.semantic.to_dict(), 'latent': config.sferd.latent.to_dict()})
+          {'semantic': config.sferd.semantic.to_dict(), 'latent': config.sferd.latent.to_dict(),
+           'latent_num_classes': int(config.model.num_classes)})
       semantic_params = semantic_predictor_params(config)
     run, mesh = sampling._sampler(  # pylint: disable=protected-access
         sampling._frozen(config.model), sampling._frozen(config.diffusion),  # pylint: disable=protected-access

@@ -166,6 +166,8 @@ def base_config():
                               # small classifier trained on the dataset and saved with the run)
       inception_weights=_optional(str),  # .npz made by `python -m sferd_jax.evaluation.export_inception SRC.pt OUT.npz`
       reference_stats=_optional(str),  # .npz of reference mu/sigma; None = computed from config.data, cached in the run
+      reference_split=_optional(str),  # the split of config.data the reference statistics come from (e.g. 'test',
+                              # held out); None = config.data.split. The NN distances stay against training images
       kid_subsets=100,
       kid_subset_size=1000,
   )
@@ -187,6 +189,19 @@ def base_config():
       semantic=False,        # sample a student with its semantic gradient predictor (a code from the latent model)
   )
   return config
+
+
+def study_config(*, seeds=(0, 1, 2), steps=(4, 2, 1), bf16_seed=0, analyze=True, results_dir=None,
+                 second_sample_seed_offset=1000):
+  """The `study` section of a study config (configs/study_*.py; --mode=study, sferd_jax/study.py)."""
+  return ml_collections.ConfigDict(dict(
+      seeds=tuple(seeds),       # distillation seeds (each run's config.seed; the teacher is shared)
+      steps=tuple(steps),       # the student step counts scored
+      bf16_seed=_optional(int, bf16_seed),  # the seed whose SFERD arm also runs in bfloat16; None = no such arm
+      analyze=analyze,          # the fitting-error analysis of the first seed's 1-step students and the teacher
+      results_dir=_optional(str, results_dir),  # finished units are mirrored here (to commit) and restored from it
+      second_sample_seed_offset=second_sample_seed_offset,  # the first seed's models also at seed + this offset
+  ))
 
 
 def lock(config):

@@ -19,7 +19,7 @@ from ml_collections import config_flags
 
 from sferd_jax import config as config_lib
 
-MODES = ('pipeline', 'train_teacher', 'distill', 'semantic', 'latent', 'sample', 'evaluate', 'analyze')
+MODES = ('pipeline', 'train_teacher', 'distill', 'semantic', 'latent', 'sample', 'evaluate', 'analyze', 'study')
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path of a config file in configs/.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder: checkpoints, exported models, samples, metrics.')
@@ -28,7 +28,8 @@ _JIT_CACHE = flags.DEFINE_string(
     "JAX's persistent compilation cache (per machine): a resumed run or the next phase skips compiles it has "
     "already paid for. Empty to disable.")
 _MODE = flags.DEFINE_enum('mode', 'pipeline', MODES, 'pipeline runs every phase in config.phases, in order; the '
-                          'others run one phase (resuming it) or a tool: sample, evaluate, analyze.')
+                          'others run one phase (resuming it) or a tool: sample, evaluate, analyze, study (a study '
+                          'config: the ablation of configs/study_fashion_mnist.py).')
 
 
 class _QuietOrbax(std_logging.Filter):
@@ -53,6 +54,14 @@ def _save_config(config, workdir):
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, f'config_{_MODE.value}.json'), 'w') as f:
     json.dump(config.to_dict(), f, indent=2, default=list)
+
+
+def _run_study(config, workdir):
+  from sferd_jax import study  # pylint: disable=g-import-not-at-top
+  if 'study' not in config:
+    raise config_lib.ConfigError('--mode=study needs a study config (a `study` section), e.g. '
+                                 '--config=configs/study_fashion_mnist.py')
+  study.run_study(config, workdir)
 
 
 def main(argv):
@@ -89,6 +98,7 @@ def main(argv):
         'sample': sampling.write_samples,
         'evaluate': evaluate.run_evaluate,
         'analyze': fitting_error.run_analysis,
+        'study': _run_study,
     }
     modes[_MODE.value](config, workdir)
   except _user_errors() as e:

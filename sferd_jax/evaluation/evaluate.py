@@ -351,21 +351,23 @@ def given_reference(path, extractor):
   return Reference(stats, features, os.path.abspath(path), indices=indices, data=data)
 
 
-def reference_for(config, workdir, feature_fn):
+def reference_for(config, workdir, feature_fn, *, split=None):
   """config.evaluate.reference_stats (see given_reference), or the statistics of config.data, cached in the workdir.
 
-  The cache holds min(len(dataset), num_samples) images of config.data (a seeded subset of larger datasets) and
-  is recomputed when the data or the image count change.
+  The cache holds min(len(dataset), num_samples) images of config.data's `split` (None: config.data.split; a
+  seeded subset of larger datasets) and is recomputed when the data or the image count change.
   """
   extractor = feature_fn.extractor
   if config.evaluate.reference_stats:
     return given_reference(config.evaluate.reference_stats, extractor)
 
-  path = reference_path(workdir, extractor)
-  source = data_lib.load_source(data_lib.data_config(config))
+  own_split = split is None or split == config.data.split
+  path = reference_path(workdir, extractor) if own_split else reference_path(workdir, f'{extractor}_{split}')
+  source = data_lib.load_source(data_lib.data_config(config), split=None if own_split else split)
   num_images = min(len(source), config.evaluate.num_samples)
   # The seed picks the subset of a larger dataset.
-  description = _data_description(config, num_images, seed=config.seed if num_images < len(source) else None)
+  description = _data_description(config, num_images, seed=config.seed if num_images < len(source) else None,
+                                  **({} if own_split else {'split': split}))
   indices = _subset(len(source), num_images, config.seed)
   if os.path.exists(path):
     with np.load(path, allow_pickle=False) as data:
@@ -677,8 +679,9 @@ def variant_features(model, config, variant, directory, feature_fn, *, log_prefi
 # Metrics and results.
 
 
-def compute_metrics(features, reference, *, kid_subsets, kid_subset_size, seed):
-  """FID (against the reference statistics), KID and nn_dist (against the reference features) and IS (logits)."""
+def compute_metrics(features, reference, *, kid_subsets, kid_subset_size, seed, training=None):
+  """FID (against the reference statistics), KID (against the reference features), nn_dist (against the training
+  images' features: `training`'s, else the reference's) and IS (logits)."""
   pool = features['pool']
   check_dims(reference, pool.shape[1])
   fid = metrics.frechet_distance(*metrics.feature_statistics(pool), reference.stats.mu, reference.stats.sigma)
@@ -687,7 +690,8 @@ def compute_metrics(features, reference, *, kid_subsets, kid_subset_size, seed):
     # metrics caps the subset size at the smaller sample count.
     kid_mean, kid_std = metrics.kernel_inception_distance(pool, reference.features, num_subsets=kid_subsets,
                                                           subset_size=kid_subset_size, rng=seed)
-    nn_dist = float(np.mean(metrics.nearest_neighbour_distance(pool[:NN_MAX_IMAGES], reference.features)))
+    neighbours = (training or reference).features
+    nn_dist = float(np.mean(metrics.nearest_neighbour_distance(pool[:NN_MAX_IMAGES], neighbours)))
   if 'logits' in features:
     is_mean, is_std = metrics.inception_score(features['logits'], num_splits=min(IS_SPLITS, pool.shape[0]))
   return dict(fid=fid, kid_mean=kid_mean, kid_std=kid_std, is_mean=is_mean, is_std=is_std, nn_dist=nn_dist)
@@ -800,7 +804,16 @@ def run_evaluate(config, workdir, *, mesh=None):
   reference = reference_for(config, workdir, feature_fn)
   count = reference.stats.num_images if reference.stats.num_images >= 0 else 'an unknown number of'
   logging.info('evaluate: reference %s (%s images)', reference.source, count)
-  nn_dist_real = held_out_distance(config, workdir, feature_fn, reference)
+  training = None
+  if cfg.reference_split and cfg.reference_split != config.data.split and not cfg.reference_stats:
+    # FID against held-out images; the memorisation check still against the training images, with the held-out
+    # reference images themselves as its real baseline.
+    reference, training = reference_for(config, workdir, feature_fn, split=cfg.reference_split), reference
+    nn_dist_real = float(np.mean(metrics.nearest_neighbour_distance(reference.features[:NN_MAX_IMAGES],
+                                                                    training.features)))
+    logging.info('evaluate: reference: %d images of the %r split', reference.stats.num_images, cfg.reference_split)
+  else:
+    nn_dist_real = held_out_distance(config, workdir, feature_fn, reference)
   logging.info('evaluate: held-out real images are at a mean NN distance of %s from the reference (training) images',
                _fmt(nn_dist_real, '.4g'))
   rows = []
@@ -812,7 +825,8 @@ def run_evaluate(config, workdir, *, mesh=None):
       check_meta(variant_dir, variant_meta(config, variant, model))
       start = time.time()
       features = variant_features(model, config, variant, variant_dir, feature_fn, log_prefix=prefix)
-      scores = compute_metrics(features, reference, kid_subsets=cfg.kid_subsets, kid_subset_size=cfg.kid_subset_size,
+      scores = compute_metrics(features, reference, training=training, kid_subsets=cfg.kid_subsets,
+                               kid_subset_size=cfg.kid_subset_size,
                                seed=config.seed)
       row = dict(model=variant.model, stage=variant.stage, num_steps=variant.num_steps, guidance=variant.guidance,
                  semantic=variant.semantic, sample_seed=variant.seed(config),
