@@ -39,7 +39,7 @@ def get_config():
       train_steps=500, batch_size=128, learning_rate=1e-3, weight_decay=0.01, ema_decay=0.99, loss='eps_mse',
       log_every=250, checkpoint_every=500)
   config.evaluate.update(num_samples=2000, round_size=1000, features='classifier', reference_split='test',
-                         kid_subset_size=1000)
+                         kid_subset_size=1000, classifier_steps=3000)
   config.analyze.update(num_images=32, num_noises=8)
   config.study = config_lib.study_config(seeds=(0, 1, 2), steps=(4, 2, 1), bf16_seed=0,
                                           results_dir='studies/fashion_mnist')

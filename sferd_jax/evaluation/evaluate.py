@@ -202,7 +202,7 @@ def classifier_feature_fn(config, workdir):
     logging.info('evaluate: training the feature classifier on %d images of %s', len(train), source.describe())
     start = time.time()
     model, params = classifier_lib.train_classifier(images[train], labels[train], num_classes=source.num_classes,
-                                                    seed=config.seed)
+                                                    seed=config.seed, steps=config.evaluate.classifier_steps)
     accuracy = classifier_lib.accuracy(model, params, images[test], labels[test])
     info = dict(data=json.loads(_data_description(config, len(train))), held_out_images=int(len(test)),
                 held_out_accuracy=accuracy, train_s=time.time() - start)
