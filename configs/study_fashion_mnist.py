@@ -2,6 +2,10 @@ r"""The ablation study on Fashion-MNIST (16x16): does SFERD beat progressive dis
 
   python -m sferd_jax.main --config=configs/study_fashion_mnist.py --mode=study --workdir=runs/study
 
+with the FID Inception's weights at runs/inception.npz (README, "Evaluation": `python -m
+sferd_jax.evaluation.export_inception <default_1.pt> runs/inception.npz`), or --config.study.inception_weights=
+to score with the classifier alone.
+
 One teacher (a 0.44M-parameter U-Net, the quickstart's), distilled 32 -> 16 -> 8 -> 4 -> 2 -> 1 steps per arm and
 distillation seed (seeds 0, 1, 2): PD, PD + attention guidance, PD + semantic predictor, full SFERD (both), on the
 4-, 2- and 1-step students; controls: PD with the predictors' updates spent on distillation, and a predictor
@@ -42,5 +46,5 @@ def get_config():
                          kid_subset_size=1000, classifier_steps=3000)
   config.analyze.update(num_images=32, num_noises=8)
   config.study = config_lib.study_config(seeds=(0, 1, 2), steps=(4, 2, 1), bf16_seed=0,
-                                          results_dir='studies/fashion_mnist')
+                                          results_dir='studies/fashion_mnist', inception_weights='runs/inception.npz')
   return config_lib.lock(config)

@@ -194,7 +194,7 @@ def base_config():
 
 
 def study_config(*, seeds=(0, 1, 2), steps=(4, 2, 1), bf16_seed=0, analyze=True, results_dir=None,
-                 second_sample_seed_offset=1000):
+                 second_sample_seed_offset=1000, inception_weights=None):
   """The `study` section of a study config (configs/study_*.py; --mode=study, sferd_jax/study.py)."""
   return ml_collections.ConfigDict(dict(
       seeds=tuple(seeds),       # distillation seeds (each run's config.seed; the teacher is shared)
@@ -203,6 +203,8 @@ def study_config(*, seeds=(0, 1, 2), steps=(4, 2, 1), bf16_seed=0, analyze=True,
       analyze=analyze,          # the fitting-error analysis of the first seed's 1-step students and the teacher
       results_dir=_optional(str, results_dir),  # finished units are mirrored here (to commit) and restored from it
       second_sample_seed_offset=second_sample_seed_offset,  # the first seed's models also at seed + this offset
+      inception_weights=_optional(str, inception_weights),  # the FID Inception .npz (export_inception): the 1-step
+                              # PD and SFERD students also get Inception FID; None or '' = classifier features only
   ))
 
 

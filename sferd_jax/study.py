@@ -166,8 +166,10 @@ def arm_rows(config, run, results_rows):
 
 def _restore(results_dir, workdir, relative):
   """A finished unit mirrored in results_dir, copied back into the workdir (another machine's work)."""
+  if not results_dir:
+    return
   src, dst = os.path.join(results_dir, relative), os.path.join(workdir, relative)
-  if results_dir and os.path.exists(src) and not os.path.exists(dst):
+  if os.path.exists(src) and not os.path.exists(dst):
     logging.info('study: restoring %s from %s', relative, results_dir)
     if os.path.isdir(src):
       _copy_tree(src, dst)
@@ -204,17 +206,56 @@ def run_seed(config, workdir, seed, *, first_seed, classifier_dir):
     logging.info('study: seed %d, run %s (phases %s)', seed, run.name, cfg.phases)
     pipeline.run_pipeline(cfg, folder)
     rows += arm_rows(config, run, evaluate.load_rows(os.path.join(folder, evaluate.EVAL_DIR)))
+  if config.study.inception_weights:
+    rows += inception_rows(config, workdir, seed)
+  return rows
+
+
+INCEPTION_ARMS = (('pd', 'pd', False), ('sferd', 'guided', True))  # (arm, run, semantic): the 1-step models scored
+
+
+def inception_rows(config, workdir, seed):
+  """The 1-step PD and SFERD students of a seed, scored with the FID Inception as well (published-FID features),
+  each in a folder of its own beside its run (evaluate/ of a run holds one extractor's reference and rounds)."""
+  stage = student_stages(config).get(1)
+  if stage is None:
+    return []
+  rows = []
+  for arm, name, semantic in INCEPTION_ARMS:
+    run = next(r for r in runs_of_seed(config, seed) if r.name == name)
+    folder = f'{run_dir(workdir, run)}_inception'
+    relative = os.path.join('distill', f'stage_{stage}')
+    for part in ('model',) + (('semantic/model', 'latent/model') if semantic else ()):
+      _copy_tree(os.path.join(run_dir(workdir, run), relative, part), os.path.join(folder, relative, part))
+    cfg = copy.deepcopy(run_config(config, workdir, run, first_seed=False))
+    with cfg.unlocked():
+      cfg.phases = ('evaluate',)
+      cfg.evaluate.update(features='inception', inception_weights=os.path.abspath(config.study.inception_weights),
+                          models=(relative,), semantic=(semantic,))
+    logging.info('study: seed %d, %s at 1 step with the FID Inception', seed, arm)
+    evaluate.run_evaluate(config_lib.validate(cfg), folder)
+    rows += arm_rows(config, dataclasses.replace(run, arms=((arm, semantic),)),
+                     evaluate.load_rows(os.path.join(folder, evaluate.EVAL_DIR)))
   return rows
 
 
 def run_analyses(config, workdir, seed):
   """The fitting-error analysis of the teacher and the 1-step pd and sferd students of `seed`; the students'
-  risky-mask errors are measured in the teacher's risky regions."""
+  risky-mask errors are measured in the teacher's risky regions.
+
+  The seed's rows may have come from another machine without its models: then the two students are distilled
+  again here (deterministic: the same models), distillation only.
+  """
   stage = student_stages(config).get(1)
   models = {'teacher': teacher_path(workdir)}
   if stage is not None:
-    models.update({f'{arm}_1step': os.path.join(run_dir(workdir, Run(run, seed, ())), 'distill', f'stage_{stage}')
-                   for arm, run in (('pd', 'pd'), ('sferd', 'guided'))})
+    for arm, name in (('pd', 'pd'), ('sferd', 'guided')):
+      run = next(r for r in runs_of_seed(config, seed) if r.name == name)
+      path = os.path.join(run_dir(workdir, run), 'distill', f'stage_{stage}')
+      if not checkpointing.is_exported(os.path.join(path, 'model')):
+        logging.info('study: %s is not on this machine; distilling it again for the analysis', path)
+        pipeline.run_distill(run_config(config, workdir, run, first_seed=False), run_dir(workdir, run))
+      models[f'{arm}_1step'] = path
   summaries = {}
   for name, path in models.items():
     folder = os.path.join(workdir, 'analyze', name)
@@ -248,6 +289,21 @@ def analysis_lines(analyses):
   return lines
 
 
+def write_inception_report(workdir, rows):
+  """Appends the FID Inception's figures of the 1-step PD and SFERD students (and R with them) to the report."""
+  summary = study_report.summarize(rows, extractor=rows[0]['extractor'])
+  cells = {c['arm']: c for c in summary['cells'] if c['num_steps'] == 1}
+  lines = ['', '## Inception FID at 1 step (the TF-2015 FID network; 16x16 samples resized to 299)', '']
+  lines += [f"- {arm}: {study_report.format_interval(cells[arm])}" for arm, _, _ in INCEPTION_ARMS if arm in cells]
+  if summary['ratio_1step'] is not None:
+    ratio = study_report.format_interval(summary['ratio_1step'], key='ratio', digits=3)
+    lines.append(f'- R = FID(sferd) / FID(pd): {ratio}')
+  with open(os.path.join(workdir, 'results.md'), 'a') as f:
+    f.write('\n'.join(lines) + '\n')
+  results = _read_json(os.path.join(workdir, 'results.json'))
+  _write_json(os.path.join(workdir, 'results.json'), dict(results, inception=dict(rows=rows, summary=summary)))
+
+
 def write_analysis_report(workdir, analyses):
   """Appends the analyses' table to results.md and their summaries to results.json."""
   with open(os.path.join(workdir, 'results.md'), 'a') as f:
@@ -256,11 +312,27 @@ def write_analysis_report(workdir, analyses):
   _write_json(os.path.join(workdir, 'results.json'), dict(results, analyses=analyses))
 
 
+def analysis_unit(config, workdir, seed, results_dir):
+  """The analyses' summaries: restored, or computed and mirrored."""
+  relative = os.path.join('analyze', 'summaries.json')
+  _restore(results_dir, workdir, relative)
+  path = os.path.join(workdir, relative)
+  if not os.path.exists(path):
+    _write_json(path, run_analyses(config, workdir, seed))
+    _mirror(results_dir, workdir, relative)
+  return _read_json(path)
+
+
 def run_study(config, workdir):
   """Runs (or resumes) the whole study; writes <workdir>/results.{json,md} and fid_vs_steps.png; returns the
   report's summary."""
   study = config.study
   results_dir = study.results_dir and os.path.abspath(study.results_dir)
+  if study.inception_weights and not os.path.isfile(study.inception_weights):
+    raise config_lib.ConfigError(
+        f'config.study.inception_weights: {study.inception_weights} does not exist. Make it once with `python -m '
+        'sferd_jax.evaluation.export_inception SRC.pt OUT.npz` (README, "Evaluation"), or pass '
+        '--config.study.inception_weights= to score with the classifier alone.')
   # The teacher: one for every arm and seed.
   _restore(results_dir, workdir, os.path.join('teacher', 'model'))
   base = copy.deepcopy(config)
@@ -276,7 +348,7 @@ def run_study(config, workdir):
     evaluate.classifier_feature_fn(base, workdir)
     _mirror(results_dir, workdir, relative)
     classifier_dir = os.path.join(workdir, relative)
-  rows = []
+  rows, analyses = [], None
   for i, seed in enumerate(study.seeds):
     relative = os.path.join(f'seed_{seed}', ROWS_JSON)
     _restore(results_dir, workdir, relative)
@@ -287,16 +359,14 @@ def run_study(config, workdir):
       _write_json(path, run_seed(config, workdir, seed, first_seed=i == 0, classifier_dir=classifier_dir))
       _mirror(results_dir, workdir, relative)
     rows += _read_json(path)
-  analyses = None
-  if study.analyze:
-    relative = 'analyze'
-    _restore(results_dir, workdir, os.path.join(relative, 'summaries.json'))
-    path = os.path.join(workdir, relative, 'summaries.json')
-    if not os.path.exists(path):
-      _write_json(path, run_analyses(config, workdir, study.seeds[0]))
-      _mirror(results_dir, workdir, os.path.join(relative, 'summaries.json'))
-    analyses = _read_json(path)
-  summary = study_report.write_report(rows, workdir)
+    if i == 0 and study.analyze:  # while the first seed's models are on this machine
+      analyses = analysis_unit(config, workdir, seed, results_dir)
+  extractors = sorted({r['extractor'] for r in rows})
+  main = next((e for e in extractors if not evaluate.is_inception(e)), extractors[0] if extractors else None)
+  summary = study_report.write_report([r for r in rows if r['extractor'] == main], workdir)
+  inception = [r for r in rows if evaluate.is_inception(r['extractor'])]
+  if inception and main is not None and not evaluate.is_inception(main):
+    write_inception_report(workdir, inception)
   if analyses is not None:
     write_analysis_report(workdir, analyses)
   for name in ('results.json', 'results.md', 'fid_vs_steps.png'):

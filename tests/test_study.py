@@ -3,12 +3,14 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 from sferd_jax import config as config_lib
 from sferd_jax import sampling
 from sferd_jax import study
 from sferd_jax.evaluation import evaluate
+from sferd_jax.evaluation import inception
 from sferd_jax.training import checkpointing
 from sferd_jax.training import pipeline
 import tiny
@@ -26,13 +28,30 @@ def tiny_study_config(results_dir, **study_overrides):
   return config_lib.validate(config)
 
 
+def _fake_inception(weights):
+  """Stands in for the FID Inception (whose weights the tests do not have): a fixed projection of the pixels,
+  named like the Inception's extractor."""
+  del weights
+  project = np.random.default_rng(0).normal(size=(64, 8))
+
+  def fn(images):
+    return {'pool': (np.asarray(images, np.float32).reshape(len(images), -1) / 255.0 @ project).astype(np.float32)}
+
+  fn.extractor = f'{inception.EXTRACTOR_NAME}/fake'
+  return fn
+
+
 @pytest.fixture(scope='module')
 def finished(tmp_path_factory):
   base = tmp_path_factory.mktemp('study')
   results_dir = str(base / 'results')
-  config = tiny_study_config(results_dir)
+  weights = base / 'inception.npz'
+  weights.write_bytes(b'')  # exists; the fake extractor never reads it
+  config = tiny_study_config(results_dir, inception_weights=str(weights))
   workdir = str(base / 'run')
-  summary = study.run_study(config, workdir)
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(evaluate, 'inception_feature_fn', _fake_inception)
+    summary = study.run_study(config, workdir)
   return config, workdir, results_dir, summary
 
 
@@ -43,7 +62,8 @@ def _info(path):
 def test_the_arms_are_built_as_specified(finished):
   config, workdir, _, _ = finished
   seed = os.path.join(workdir, 'seed_0')
-  assert sorted(os.listdir(seed)) == ['guided', 'pd', 'pd_more', 'pd_target', study.ROWS_JSON]
+  assert sorted(os.listdir(seed)) == ['guided', 'guided_inception', 'pd', 'pd_inception', 'pd_more', 'pd_target',
+                                     study.ROWS_JSON]
   stage = lambda run, k: os.path.join(seed, run, 'distill', f'stage_{k}')
   # Every run distils the study's one teacher.
   assert {_info(os.path.join(stage(run, 1), 'model'))['teacher'] for run in ('pd', 'guided', 'pd_more')} == {
@@ -72,6 +92,11 @@ def test_rows_cover_every_arm_and_step_count_and_the_table_says_so(finished):
   _, workdir, results_dir, summary = finished
   with open(os.path.join(workdir, 'seed_0', study.ROWS_JSON)) as f:
     rows = json.load(f)
+  # The 1-step PD and SFERD students also with the (here: fake) FID Inception.
+  scored = lambda r: evaluate.is_inception(r['extractor'])
+  assert sorted((r['arm'], r['num_steps'], r['semantic']) for r in rows if scored(r)) == [('pd', 1, False),
+                                                                                           ('sferd', 1, True)]
+  rows = [r for r in rows if not scored(r)]
   # The 1-step students (steps=(1,)); the first seed also at a second sample seed.
   arms = {(r['arm'], r['num_steps']) for r in rows}
   assert arms == {(a, 1) for a in ('pd', 'pd+predictor', 'pd+pd_target_predictor', 'pd+guidance', 'sferd',
@@ -86,7 +111,8 @@ def test_rows_cover_every_arm_and_step_count_and_the_table_says_so(finished):
     assert os.path.exists(os.path.join(results_dir, name))
   with open(os.path.join(workdir, 'results.md')) as f:
     table = f.read()
-  assert 'sferd' in table and 'pd_more_updates' in table
+  assert 'sferd' in table and 'pd_more_updates' in table and 'Inception FID at 1 step' in table
+  assert '## Fitting error' in table
   assert summary is not None
 
 
@@ -108,6 +134,8 @@ def test_a_finished_study_runs_nothing_again_here_or_on_another_machine(finished
 
 def test_the_bfloat16_arm_and_its_config():
   config = tiny_study_config(None, bf16_seed=0)
+  with pytest.raises(config_lib.ConfigError, match='inception_weights'):
+    study.run_study(tiny_study_config(None, inception_weights='/nonexistent.npz'), '/tmp/unused')
   runs = {r.name: r for r in study.runs_of_seed(config, 0)}
   assert runs['guided_bf16'].dtype == 'bfloat16' and runs['guided_bf16'].guided
   assert 'guided_bf16' not in {r.name for r in study.runs_of_seed(config, 1)}
@@ -121,3 +149,23 @@ def test_the_bfloat16_arm_and_its_config():
   assert cfg.sferd.semantic.stages == (1, 2) and cfg.evaluate.models == ('distill/stage_1', 'distill/stage_2')
   assert cfg.evaluate.sample_seeds == (0, 1000) and cfg.distill.teacher == os.path.abspath('/w/teacher/model')
   assert study.extra_distill_updates(scored) == scored.semantic.train_steps  # 2 predictors over 2 stages
+
+
+def test_the_analysis_distils_the_first_seeds_students_again_where_they_are_missing(tmp_path, monkeypatch):
+  """The first seed's rows came from another machine, its models did not: the analysis distils the two 1-step
+  students again (distillation only) before analysing them in the teacher's risky regions."""
+  from sferd_jax.evaluation import fitting_error  # pylint: disable=g-import-not-at-top
+  config = tiny_study_config(None)
+  distilled, analysed = [], []
+  monkeypatch.setattr(pipeline, 'run_distill', lambda cfg, folder: distilled.append(
+      (os.path.basename(folder), cfg.sferd.attention_guidance.enabled)))
+
+  def fake_analysis(cfg, folder, *, mask_model_path):
+    analysed.append((cfg.analyze.model, mask_model_path))
+    study._write_json(os.path.join(folder, fitting_error.ANALYZE_DIR, 'summary.json'), {'levels': []})  # pylint: disable=protected-access
+
+  monkeypatch.setattr(fitting_error, 'run_analysis', fake_analysis)
+  summaries = study.analysis_unit(config, str(tmp_path), 0, None)
+  assert distilled == [('pd', False), ('guided', True)]
+  assert sorted(summaries) == ['pd_1step', 'sferd_1step', 'teacher']
+  assert {mask for _, mask in analysed} == {study.teacher_path(str(tmp_path))}
