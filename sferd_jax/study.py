@@ -211,6 +211,18 @@ def run_seed(config, workdir, seed, *, first_seed, classifier_dir):
   return rows
 
 
+def _share_reference_features(src, dst):
+  """Copies src's cached reference features (evaluate/reference_*.npz) into dst's evaluate folder; evaluate checks
+  that a cache was made from its own data and image count before using it."""
+  src, dst = os.path.join(src, evaluate.EVAL_DIR), os.path.join(dst, evaluate.EVAL_DIR)
+  if not os.path.isdir(src):
+    return
+  os.makedirs(dst, exist_ok=True)
+  for name in os.listdir(src):
+    if name.startswith('reference_') and name.endswith('.npz') and not os.path.exists(os.path.join(dst, name)):
+      shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+
+
 INCEPTION_ARMS = (('pd', 'pd', False), ('sferd', 'guided', True))  # (arm, run, semantic): the 1-step models scored
 
 
@@ -220,13 +232,16 @@ def inception_rows(config, workdir, seed):
   stage = student_stages(config).get(1)
   if stage is None:
     return []
-  rows = []
+  rows, first = [], None
   for arm, name, semantic in INCEPTION_ARMS:
     run = next(r for r in runs_of_seed(config, seed) if r.name == name)
     folder = f'{run_dir(workdir, run)}_inception'
     relative = os.path.join('distill', f'stage_{stage}')
     for part in ('model',) + (('semantic/model', 'latent/model') if semantic else ()):
       _copy_tree(os.path.join(run_dir(workdir, run), relative, part), os.path.join(folder, relative, part))
+    if first is not None:  # the same reference images: their Inception features (minutes on a CPU) computed once
+      _share_reference_features(first, folder)
+    first = first or folder
     cfg = copy.deepcopy(run_config(config, workdir, run, first_seed=False))
     with cfg.unlocked():
       cfg.phases = ('evaluate',)

@@ -113,6 +113,11 @@ def test_rows_cover_every_arm_and_step_count_and_the_table_says_so(finished):
     table = f.read()
   assert 'sferd' in table and 'pd_more_updates' in table and 'Inception FID at 1 step' in table
   assert '## Fitting error' in table
+  # The Inception's reference features were computed once and shared by the second evaluation.
+  pd_eval, sferd_eval = (os.path.join(workdir, 'seed_0', f'{run}_inception', 'evaluate') for run in ('pd', 'guided'))
+  shared = [n for n in os.listdir(pd_eval) if n.startswith('reference_') and n.endswith('.npz')]
+  assert shared and all(open(os.path.join(pd_eval, n), 'rb').read() == open(os.path.join(sferd_eval, n), 'rb').read()
+                        for n in shared)
   assert summary is not None
 
 
@@ -162,7 +167,8 @@ def test_the_analysis_distils_the_first_seeds_students_again_where_they_are_miss
 
   def fake_analysis(cfg, folder, *, mask_model_path):
     analysed.append((cfg.analyze.model, mask_model_path))
-    study._write_json(os.path.join(folder, fitting_error.ANALYZE_DIR, 'summary.json'), {'levels': []})  # pylint: disable=protected-access
+    path = os.path.join(folder, fitting_error.ANALYZE_DIR, 'summary.json')
+    study._write_json(path, {'levels': []})  # pylint: disable=protected-access
 
   monkeypatch.setattr(fitting_error, 'run_analysis', fake_analysis)
   summaries = study.analysis_unit(config, str(tmp_path), 0, None)
