@@ -1,4 +1,4 @@
-"""uint8 conversion and PNG grids of image batches."""
+"""uint8 conversion, PNG grids of image batches, and the figures of plots."""
 
 import math
 import os
@@ -37,3 +37,16 @@ def save_grid(path, images, *, columns=None, scale=None):
   image = np.repeat(np.repeat(image, scale, axis=0), scale, axis=1)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+
+
+def new_figure(figsize, *, purpose):
+  """A matplotlib Figure on the Agg canvas (the object API: no pyplot, no global backend switch); `purpose` names
+  what needs it in the error when matplotlib is missing."""
+  try:
+    from matplotlib import figure  # pylint: disable=g-import-not-at-top
+    from matplotlib.backends import backend_agg  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(f'{purpose}: matplotlib is needed (pip install matplotlib)') from e
+  fig = figure.Figure(figsize=figsize, layout='constrained')
+  backend_agg.FigureCanvasAgg(fig)
+  return fig

@@ -44,6 +44,7 @@ from typing import Optional
 from absl import logging
 
 from sferd_jax import config as config_lib
+from sferd_jax import files
 from sferd_jax.evaluation import evaluate
 from sferd_jax.evaluation import fitting_error
 from sferd_jax.evaluation import study_report
@@ -105,11 +106,18 @@ def run_dir(workdir, run):
   return os.path.join(workdir, f'seed_{run.seed}', run.name)
 
 
-def run_config(config, workdir, run, *, first_seed):
-  """The pipeline config of one run: the study's config with the run's settings (validated, locked)."""
+def without_study(config):
+  """A copy of a study config without its `study` section: the pipeline config the study's phases start from."""
   cfg = copy.deepcopy(config)
   with cfg.unlocked():
     del cfg['study']
+  return cfg
+
+
+def run_config(config, workdir, run, *, first_seed):
+  """The pipeline config of one run: the study's config with the run's settings (validated, locked)."""
+  cfg = without_study(config)
+  with cfg.unlocked():
     cfg.seed = run.seed
     cfg.phases = run.phases
     cfg.distill.teacher = teacher_path(workdir)
@@ -126,7 +134,7 @@ def run_config(config, workdir, run, *, first_seed):
     cfg.evaluate.guidance = (False,)
     # The first seed's models are also drawn at a second sample seed: how much FID moves with the samples alone.
     cfg.evaluate.sample_seeds = (run.seed, run.seed + config.study.second_sample_seed_offset) if first_seed else None
-  return config_lib.validate(config_lib.lock(cfg))
+  return config_lib.validate(cfg)
 
 
 def _copy_tree(src, dst):
@@ -140,11 +148,7 @@ def _copy_tree(src, dst):
 
 
 def _write_json(path, value):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(value, f, indent=2)
-  os.replace(tmp, path)
+  files.write_text_atomic(path, json.dumps(value, indent=2))
 
 
 def _read_json(path):
@@ -242,7 +246,7 @@ def inception_rows(config, workdir, seed):
     if first is not None:  # the same reference images: their Inception features (minutes on a CPU) computed once
       _share_reference_features(first, folder)
     first = first or folder
-    cfg = copy.deepcopy(run_config(config, workdir, run, first_seed=False))
+    cfg = run_config(config, workdir, run, first_seed=False)
     with cfg.unlocked():
       cfg.phases = ('evaluate',)
       cfg.evaluate.update(features='inception', inception_weights=os.path.abspath(config.study.inception_weights),
@@ -276,9 +280,8 @@ def run_analyses(config, workdir, seed):
     folder = os.path.join(workdir, 'analyze', name)
     summary_path = os.path.join(folder, fitting_error.ANALYZE_DIR, 'summary.json')
     if not os.path.exists(summary_path):
-      cfg = copy.deepcopy(config)
+      cfg = without_study(config)
       with cfg.unlocked():
-        del cfg['study']
         cfg.analyze.model = os.path.abspath(path)
       fitting_error.run_analysis(cfg, folder, mask_model_path=teacher_path(workdir))
     summaries[name] = _read_json(summary_path)
@@ -350,10 +353,8 @@ def run_study(config, workdir):
         '--config.study.inception_weights= to score with the classifier alone.')
   # The teacher: one for every arm and seed.
   _restore(results_dir, workdir, os.path.join('teacher', 'model'))
-  base = copy.deepcopy(config)
-  with base.unlocked():
-    del base['study']
-  pipeline.run_teacher(config_lib.lock(base), workdir)
+  base = without_study(config)
+  pipeline.run_teacher(base, workdir)
   _mirror(results_dir, workdir, os.path.join('teacher', 'model'))
   # One feature space for every run: the classifier, trained once.
   classifier_dir = None

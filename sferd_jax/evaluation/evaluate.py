@@ -51,6 +51,7 @@ from absl import logging
 
 from sferd_jax import config as config_lib
 from sferd_jax import data as data_lib
+from sferd_jax import files
 from sferd_jax import images as images_lib
 from sferd_jax import sampling
 from sferd_jax.evaluation import classifier as classifier_lib
@@ -136,14 +137,6 @@ def save_npz_atomic(path, **arrays):
   os.replace(tmp, path)
 
 
-def _write_text_atomic(path, text):
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w') as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def _data_description(config, num_images, **extra):
   """What a cached reference or classifier was computed from; a change invalidates the cache."""
   data = config_lib.to_json(data_lib.data_config(config))
@@ -206,7 +199,7 @@ def classifier_feature_fn(config, workdir):
     accuracy = classifier_lib.accuracy(model, params, images[test], labels[test])
     info = dict(data=json.loads(_data_description(config, len(train))), held_out_images=int(len(test)),
                 held_out_accuracy=accuracy, train_s=time.time() - start)
-    _write_text_atomic(info_path, json.dumps(info, indent=2) + '\n')
+    files.write_text_atomic(info_path, json.dumps(info, indent=2) + '\n')
     classifier_lib.save_classifier(f'{path}.tmp{os.getpid()}', model, params)
     os.replace(f'{path}.tmp{os.getpid()}', path)
     logging.info('evaluate: classifier trained in %.0f s, held-out accuracy %.3f; saved to %s', info['train_s'],
@@ -601,7 +594,7 @@ def check_meta(directory, meta):
           'draw them again, or evaluate into another --workdir.')
     return
   os.makedirs(directory, exist_ok=True)
-  _write_text_atomic(path, json.dumps(meta, indent=2, sort_keys=True) + '\n')
+  files.write_text_atomic(path, json.dumps(meta, indent=2, sort_keys=True) + '\n')
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -776,8 +769,8 @@ def load_rows(directory):
 
 def write_results(directory, rows):
   os.makedirs(directory, exist_ok=True)
-  _write_text_atomic(os.path.join(directory, RESULTS_JSON), json.dumps(rows, indent=2) + '\n')
-  _write_text_atomic(os.path.join(directory, RESULTS_MD), results_table(rows))
+  files.write_text_atomic(os.path.join(directory, RESULTS_JSON), json.dumps(rows, indent=2) + '\n')
+  files.write_text_atomic(os.path.join(directory, RESULTS_MD), results_table(rows))
 
 
 def run_evaluate(config, workdir, *, mesh=None):

@@ -382,14 +382,7 @@ def level_statistics(x0, x_hats, masses, *, permutations=None):
 
 
 def _figure(figsize):
-  try:
-    from matplotlib.backends import backend_agg  # pylint: disable=g-import-not-at-top
-    from matplotlib import figure  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError('the fitting-error plots need matplotlib: pip install matplotlib') from e
-  fig = figure.Figure(figsize=figsize, layout='constrained')
-  backend_agg.FigureCanvasAgg(fig)
-  return fig
+  return images_lib.new_figure(figsize, purpose='the fitting-error plots')
 
 
 def plot_bias_variance(path, levels):

@@ -36,6 +36,9 @@ from collections.abc import Mapping
 import numpy as np
 import scipy.stats
 
+from sferd_jax import files
+from sferd_jax import images as images_lib
+
 # The table's and plot's arm order: the baseline, its compute control, the two halves of SFERD, the capacity
 # control, SFERD itself, then its bfloat16 run. Arms not listed follow, in order of first appearance.
 ARM_ORDER = ('pd', 'pd_more_updates', 'pd+guidance', 'pd+predictor', 'pd+pd_target_predictor', 'sferd',
@@ -341,18 +344,6 @@ def markdown_table(summary):
   return '\n'.join(lines) + '\n'
 
 
-def _figure(figsize):
-  """matplotlib's object API with the Agg canvas: no pyplot, no global backend switch."""
-  try:
-    from matplotlib import figure  # pylint: disable=g-import-not-at-top
-    from matplotlib.backends import backend_agg  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError('the study plot needs matplotlib: pip install matplotlib') from e
-  fig = figure.Figure(figsize=figsize, layout='constrained')
-  backend_agg.FigureCanvasAgg(fig)
-  return fig
-
-
 def plot_fid_vs_steps(summary, path, *, offset=0.04):
   """The metric against sampling steps per arm, with the seed intervals as error bars, saved as PNG at `path`.
 
@@ -360,7 +351,7 @@ def plot_fid_vs_steps(summary, path, *, offset=0.04):
   `offset` (in log2 units) from each other so their bars do not overlap. Cells without an interval (n = 1) are
   drawn as markers without bars.
   """
-  fig = _figure((6.5, 4.2))
+  fig = images_lib.new_figure((6.5, 4.2), purpose='the study plot')
   ax = fig.add_subplot()
   arms = summary['arms']
   for i, arm in enumerate(arms):
@@ -408,13 +399,6 @@ def _jsonable(value):
   return value
 
 
-def _write_text_atomic(path, text):
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w') as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def write_report(rows, directory, **summarize_kwargs):
   """Writes results.json ({'rows', 'summary'}), results.md (markdown_table) and fid_vs_steps.png to `directory`.
 
@@ -424,8 +408,8 @@ def write_report(rows, directory, **summarize_kwargs):
   os.makedirs(directory, exist_ok=True)
   summary = summarize(rows, **summarize_kwargs)
   payload = json.dumps(_jsonable(dict(rows=list(rows), summary=summary)), indent=2, allow_nan=False)
-  _write_text_atomic(os.path.join(directory, RESULTS_JSON), payload + '\n')
-  _write_text_atomic(os.path.join(directory, RESULTS_MD), markdown_table(summary))
+  files.write_text_atomic(os.path.join(directory, RESULTS_JSON), payload + '\n')
+  files.write_text_atomic(os.path.join(directory, RESULTS_MD), markdown_table(summary))
   png = os.path.join(directory, PLOT_PNG)
   plot_fid_vs_steps(summary, f'{png}.tmp{os.getpid()}.png')
   os.replace(f'{png}.tmp{os.getpid()}.png', png)
