@@ -9,6 +9,8 @@ import math
 
 import ml_collections
 
+from sferd_jax import errors
+
 PHASES = ('teacher', 'distill', 'semantic', 'latent', 'evaluate')
 OPTIMIZERS = ('adam', 'adamw')
 LR_SCHEDULES = ('constant', 'linear_decay')
@@ -23,9 +25,6 @@ IMAGENET64_UNET = dict(image_size=64, channels=3, ch=192, emb_ch=768, ch_mult=(1
                        attn_resolutions=(8, 16, 32), num_heads=None, head_dim=64, dropout=0.1,
                        resblock_resample=True, num_classes=1000, output_type='both', dtype='float32')
 
-
-class ConfigError(ValueError):
-  """A config that cannot work; the message says which key to change and how."""
 
 
 def _optional(field_type, default=None):
@@ -214,7 +213,7 @@ def lock(config):
 
 
 def _fail(key, message):
-  raise ConfigError(f'config.{key}: {message}')
+  raise errors.ConfigError(f'config.{key}: {message}')
 
 
 def _validate_training(config, section):
@@ -253,7 +252,7 @@ def validate(config):
   try:
     unet.validate_model_config(config.model)
   except ValueError as e:
-    raise ConfigError(f'config.model: {e}') from None
+    raise errors.ConfigError(f'config.model: {e}') from None
   if config.diffusion.logsnr_min >= config.diffusion.logsnr_max:
     _fail('diffusion', 'logsnr_min must be below logsnr_max')
   for section in ('teacher', 'distill', 'semantic', 'latent'):
@@ -273,7 +272,7 @@ def validate(config):
   try:
     guided_teacher.validate_config(config.sferd.attention_guidance, config.model)
   except ValueError as e:
-    raise ConfigError(f'config.sferd.attention_guidance: {e}') from None
+    raise errors.ConfigError(f'config.sferd.attention_guidance: {e}') from None
   from sferd_jax.models import latent  # pylint: disable=g-import-not-at-top
   from sferd_jax.sferd import semantic_predictor  # pylint: disable=g-import-not-at-top
   for key, check in (('sferd.semantic', semantic_predictor.validate_config),
@@ -281,7 +280,7 @@ def validate(config):
     try:
       check(config.sferd.semantic if key == 'sferd.semantic' else config.sferd.latent)
     except ValueError as e:
-      raise ConfigError(f'config.{key}: {e}') from None
+      raise errors.ConfigError(f'config.{key}: {e}') from None
   if config.sferd.semantic.init_from_student and config.sferd.semantic.form != 'shift':
     _fail('sferd.semantic.init_from_student', "copies the student's decoder, which only the 'shift' form mirrors")
   stages = num_stages(config)

@@ -17,6 +17,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from sferd_jax import errors
 from sferd_jax import config as config_lib
 
 MODES = ('pipeline', 'train_teacher', 'distill', 'semantic', 'latent', 'sample', 'evaluate', 'analyze', 'study')
@@ -39,14 +40,6 @@ class _QuietOrbax(std_logging.Filter):
     return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
 
 
-def _user_errors():
-  """Errors that are the user's to fix: shown as one clear message, without a traceback."""
-  from sferd_jax import data  # pylint: disable=g-import-not-at-top
-  from sferd_jax.training import checkpointing, loop  # pylint: disable=g-import-not-at-top
-  return (config_lib.ConfigError, checkpointing.CheckpointError, loop.TrainingDivergedError,
-          loop.IncompatibleRunError, data.DatasetNotFoundError)
-
-
 def _save_config(config, workdir):
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() != 0:  # one writer; the others would race on the same file
@@ -59,8 +52,8 @@ def _save_config(config, workdir):
 def _run_study(config, workdir):
   from sferd_jax import study  # pylint: disable=g-import-not-at-top
   if 'study' not in config:
-    raise config_lib.ConfigError('--mode=study needs a study config (a `study` section), e.g. '
-                                 '--config=configs/study_fashion_mnist.py')
+    raise errors.ConfigError('--mode=study needs a study config (a `study` section), e.g. '
+                             '--config=configs/study_fashion_mnist.py')
   study.run_study(config, workdir)
 
 
@@ -79,16 +72,16 @@ def main(argv):
   config, workdir = _CONFIG.value, _WORKDIR.value
   try:
     if config is None or not workdir:
-      raise config_lib.ConfigError('pass --config=configs/<name>.py and --workdir=<run folder>')
+      raise errors.ConfigError('pass --config=configs/<name>.py and --workdir=<run folder>')
     if '://' in workdir:
-      raise config_lib.ConfigError(f'--workdir={workdir}: use a local or shared POSIX folder (a mounted bucket '
-                                   f'works); sferd_jax writes its run folder with ordinary file operations')
+      raise errors.ConfigError(f'--workdir={workdir}: use a local or shared POSIX folder (a mounted bucket '
+                               f'works); sferd_jax writes its run folder with ordinary file operations')
     config_lib.validate(config)
     sharding.initialize_distributed()  # before anything asks for devices or the process index
     try:
       _save_config(config, workdir)
     except OSError as e:
-      raise config_lib.ConfigError(f'--workdir={workdir} is not writable ({e}); choose another folder') from None
+      raise errors.ConfigError(f'--workdir={workdir} is not writable ({e}); choose another folder') from None
     modes = {
         'pipeline': pipeline.run_pipeline,
         'train_teacher': pipeline.run_teacher,
@@ -101,7 +94,7 @@ def main(argv):
         'study': _run_study,
     }
     modes[_MODE.value](config, workdir)
-  except _user_errors() as e:
+  except errors.USER_ERRORS as e:  # the user's to fix: one clear message, no traceback
     logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from sferd_jax import errors
 from sferd_jax import images as images_lib
 from sferd_jax.diffusion import samplers
 from sferd_jax.diffusion import schedules
@@ -285,7 +286,7 @@ def resolve_model_path(path):
   teacher = os.path.join(path, 'teacher', 'model')
   if checkpointing.is_exported(teacher):
     return teacher
-  raise checkpointing.CheckpointError(
+  raise errors.CheckpointError(
       f'no exported model found at {path}: expected an export (a folder with {checkpointing.MODEL_JSON}), a phase '
       f'folder holding model/, or a run folder with teacher/model or distill/stage_<k>/model. Train one first '
       f'(python -m sferd_jax.main --mode=pipeline ...).')

@@ -43,6 +43,7 @@ from typing import Optional
 
 from absl import logging
 
+from sferd_jax import errors
 from sferd_jax import config as config_lib
 from sferd_jax import files
 from sferd_jax.evaluation import evaluate
@@ -347,7 +348,7 @@ def run_study(config, workdir):
   study = config.study
   results_dir = study.results_dir and os.path.abspath(study.results_dir)
   if study.inception_weights and not os.path.isfile(study.inception_weights):
-    raise config_lib.ConfigError(
+    raise errors.ConfigError(
         f'config.study.inception_weights: {study.inception_weights} does not exist. Make it once with `python -m '
         'sferd_jax.evaluation.export_inception SRC.pt OUT.npz` (README, "Evaluation"), or pass '
         '--config.study.inception_weights= to score with the classifier alone.')

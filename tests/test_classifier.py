@@ -5,6 +5,7 @@ import numpy as np
 import optax
 import pytest
 
+from sferd_jax import errors
 from sferd_jax import config as config_lib
 from sferd_jax.evaluation import classifier
 from sferd_jax.evaluation import metrics
@@ -76,7 +77,7 @@ def test_unlabelled_or_single_class_data_asks_for_the_inception():
   images = np.zeros((6, 8, 8, 1), np.uint8)
   for labels, num_classes, found in ((None, None, 'no labels'), (np.zeros(6, int), None, '1 class'),
                                      (np.array([0, 1] * 3), 1, 'num_classes=1')):
-    with pytest.raises(config_lib.ConfigError, match=f'{found}.*features=inception.*inception_weights'):
+    with pytest.raises(errors.ConfigError, match=f'{found}.*features=inception.*inception_weights'):
       classifier.train_classifier(images, labels, num_classes=num_classes)
   classifier.check_trainable(np.array([0, 1, 1]), num_classes=2)  # two classes: fine
 

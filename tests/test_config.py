@@ -6,6 +6,7 @@ import os
 import ml_collections
 import pytest
 
+from sferd_jax import errors
 from sferd_jax import config as config_lib
 import tiny
 
@@ -58,5 +59,5 @@ def test_validation_names_the_key_and_the_fix():
       ({'evaluate.features': 'clip'}, 'config.evaluate.features'),
       ({'phases': ('teacher', 'evaluate'), 'evaluate.features': 'inception'}, 'export_inception'),
   ):
-    with pytest.raises(config_lib.ConfigError, match=message):
+    with pytest.raises(errors.ConfigError, match=message):
       config_lib.validate(tiny.load_config(**overrides))

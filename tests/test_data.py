@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from sferd_jax import errors
 from sferd_jax import data
 
 
@@ -101,7 +102,7 @@ def test_npz_round_trip(tmp_path):
   np.savez(unlabelled, images=images)
   src = data.npz(unlabelled)
   assert src.num_classes == 1 and not src.labels.any()
-  with pytest.raises(data.DatasetNotFoundError, match='images'):
+  with pytest.raises(errors.DatasetNotFoundError, match='images'):
     data.npz(str(tmp_path / 'missing.npz'))
 
 
@@ -148,7 +149,7 @@ def test_fashion_mnist_idx(fashion_dir):
 
 
 def test_fashion_mnist_missing_folder(tmp_path):
-  with pytest.raises(data.DatasetNotFoundError, match='apt-get install dataset-fashion-mnist') as info:
+  with pytest.raises(errors.DatasetNotFoundError, match='apt-get install dataset-fashion-mnist') as info:
     data.load_source(_config(name='fashion_mnist', image_size=28, data_dir=str(tmp_path / 'nowhere')))
   assert str(tmp_path / 'nowhere') in str(info.value)
   assert isinstance(info.value, FileNotFoundError)
@@ -291,14 +292,14 @@ def test_tfds_missing_dataset_says_how_to_prepare(tmp_path, monkeypatch):
   def no_network(*args):
     raise AssertionError(f'a missing dataset must not be downloaded: connect{args}')
   monkeypatch.setattr(socket.socket, 'connect', no_network)
-  with pytest.raises(data.DatasetNotFoundError) as info:
+  with pytest.raises(errors.DatasetNotFoundError) as info:
     data.load_source(_config(name='cifar10', image_size=32, channels=3, data_dir=str(tmp_path)))
   message = str(info.value)
   for needle in ("'cifar10'", str(tmp_path), "download_and_prepare(file_format='array_record')", 'manual_dir',
                  'cifar-10-binary.tar.gz'):
     assert needle in message, needle
   # The default data_dir is TFDS_DATA_DIR (the conftest's nonexistent folder).
-  with pytest.raises(data.DatasetNotFoundError, match='imagenet_resized/64x64') as info:
+  with pytest.raises(errors.DatasetNotFoundError, match='imagenet_resized/64x64') as info:
     data.load_source(_config(name='imagenet64', image_size=64, channels=3, split='test'))
   assert os.environ['TFDS_DATA_DIR'] in str(info.value) and "'validation'" in str(info.value)
 
@@ -308,7 +309,7 @@ def test_tfds_tfrecord_only_is_explained(tmp_path):
   folder.mkdir(parents=True)
   (folder / 'dataset_info.json').write_text('{}')
   (folder / 'cifar10-train.tfrecord-00000-of-00001').write_text('')
-  with pytest.raises(data.DatasetNotFoundError, match='tfrecord'):
+  with pytest.raises(errors.DatasetNotFoundError, match='tfrecord'):
     data.tfds_source('cifar10', 'train', str(tmp_path))
 
 

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from sferd_jax import errors
 from sferd_jax import config as config_lib
 from sferd_jax import sampling
 from sferd_jax.models import unet
@@ -104,20 +105,20 @@ def test_sharded_distill_step_equals_single_device(tiny_run):
 
 def test_bad_distillation_input_fails_before_any_work(tiny_run, tmp_path):
   workdir, _ = tiny_run
-  with pytest.raises(config_lib.ConfigError, match='power-of-two multiple'):
+  with pytest.raises(errors.ConfigError, match='power-of-two multiple'):
     config_lib.validate(tiny.load_config(**{'distill.start_num_steps': 12, 'distill.end_num_steps': 1}))
-  with pytest.raises(config_lib.ConfigError, match='power-of-two multiple'):
+  with pytest.raises(errors.ConfigError, match='power-of-two multiple'):
     config_lib.validate(tiny.load_config(**{'distill.start_num_steps': 2, 'distill.end_num_steps': 4}))
   config_lib.validate(tiny.load_config(**{'distill.start_num_steps': 8, 'distill.end_num_steps': 2}))
   missing = tiny.load_config(**{'phases': ('distill',)})
-  with pytest.raises(checkpointing.CheckpointError, match='no teacher to distil'):
+  with pytest.raises(errors.CheckpointError, match='no teacher to distil'):
     pipeline.run_pipeline(missing, str(tmp_path / 'empty'))
   other = tiny.load_config(**{'distill.teacher': os.path.join(workdir, 'teacher', 'model'), 'model.ch': 32})
-  with pytest.raises(loop.IncompatibleRunError, match="architecture differs.*'model.ch': \\(16, 32\\)"):
+  with pytest.raises(errors.IncompatibleRunError, match="architecture differs.*'model.ch': \\(16, 32\\)"):
     pipeline.run_distill(other, str(tmp_path / 'other'))
   schedule = tiny.load_config(**{'distill.teacher': os.path.join(workdir, 'teacher', 'model'),
                                  'diffusion.logsnr_min': -10.0})
-  with pytest.raises(loop.IncompatibleRunError, match="'diffusion.logsnr_min': \\(-20.0, -10.0\\)"):
+  with pytest.raises(errors.IncompatibleRunError, match="'diffusion.logsnr_min': \\(-20.0, -10.0\\)"):
     pipeline.run_distill(schedule, str(tmp_path / 'other'))
   assert not os.path.exists(tmp_path / 'other' / 'distill')
 
@@ -136,7 +137,7 @@ def test_resume_with_other_guidance_or_optimiser_settings_is_refused(tiny_run, t
                            ('sferd.attention_guidance.enabled', False, 'attention_guidance'),
                            ('distill.optimizer.learning_rate', 1e-3, 'training'),
                            ('distill.batch_size', 16, 'training')):
-    with pytest.raises(loop.IncompatibleRunError, match=f"stage 1.*different '{what}'"):
+    with pytest.raises(errors.IncompatibleRunError, match=f"stage 1.*different '{what}'"):
       pipeline.run_distill(tiny.load_config(**{**guided, key: value}), str(tmp_path))
   meta = checkpointing.PhaseCheckpoints(os.path.join(tmp_path, 'distill', 'stage_1'), keep=1).restore_meta(1)
   assert meta['config']['attention_guidance']['weight'] == 0.3

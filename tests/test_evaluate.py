@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from sferd_jax import errors
 from sferd_jax import config as config_lib
 from sferd_jax import data as data_lib
 from sferd_jax import sampling
@@ -175,31 +176,31 @@ def test_reference_stats_cache_given_file_and_refusals(runs, tmp_path):
   other = str(tmp_path / 'inception_stats.npz')
   metrics.save_reference_stats(other, mu=stats.mu, sigma=stats.sigma, num_images=24,
                                extractor='inception-2015-12-05/0123456789abcdef')
-  with pytest.raises(config_lib.ConfigError, match='reference_stats.*made by feature extractor'):
+  with pytest.raises(errors.ConfigError, match='reference_stats.*made by feature extractor'):
     evaluate.run_evaluate(small_config(**{'evaluate.reference_stats': other}), runs['fresh'])
-  with pytest.raises(config_lib.ConfigError, match='nowhere.npz.*not found'):
+  with pytest.raises(errors.ConfigError, match='nowhere.npz.*not found'):
     evaluate.run_evaluate(small_config(**{'evaluate.reference_stats': str(tmp_path / 'nowhere.npz')}), runs['fresh'])
 
 
 def test_missing_inception_weights_is_a_clear_error(runs, tmp_path):
   missing = str(tmp_path / 'inception.npz')
   for features in ('inception', 'auto'):
-    with pytest.raises(config_lib.ConfigError, match=r'inception_weights.*inception\.npz.*not found.*export_inception'):
+    with pytest.raises(errors.ConfigError, match=r'inception_weights.*inception\.npz.*not found.*export_inception'):
       evaluate.run_evaluate(small_config(**{'evaluate.features': features, 'evaluate.inception_weights': missing}),
                             runs['fresh'])
-  with pytest.raises(config_lib.ConfigError, match='inception_weights.*export_inception'):
+  with pytest.raises(errors.ConfigError, match='inception_weights.*export_inception'):
     evaluate.run_evaluate(small_config(**{'evaluate.features': 'inception'}), runs['fresh'])
 
 
 def test_missing_models_are_clear_errors(runs, tmp_path):
-  with pytest.raises(checkpointing.CheckpointError, match='nothing to evaluate.*config.evaluate.models'):
+  with pytest.raises(errors.CheckpointError, match='nothing to evaluate.*config.evaluate.models'):
     evaluate.run_evaluate(small_config(), str(tmp_path))
-  with pytest.raises(checkpointing.CheckpointError, match='no exported model found'):
+  with pytest.raises(errors.CheckpointError, match='no exported model found'):
     evaluate.run_evaluate(small_config(**{'evaluate.models': ('distill/stage_9',)}), runs['fresh'])
 
 
 def test_rounds_of_other_settings_are_refused(runs):
-  with pytest.raises(loop.IncompatibleRunError, match='teacher_4steps.*sampler'):
+  with pytest.raises(errors.IncompatibleRunError, match='teacher_4steps.*sampler'):
     evaluate.run_evaluate(small_config(**{'sample.sampler': 'ancestral'}), runs['fresh'])
 
 
@@ -234,7 +235,7 @@ def test_a_second_sample_seed_draws_other_samples_in_rows_of_its_own(runs):
   assert {r['sample_seed'] for r in rows if r['model'] == 'distill/stage_2' and not r['guidance']
           and not r['semantic']} == {0, 1}
   assert '| seed |' in _read(runs['fresh'], evaluate.RESULTS_MD)
-  with pytest.raises(config_lib.ConfigError, match='sample_seeds'):
+  with pytest.raises(errors.ConfigError, match='sample_seeds'):
     config_lib.validate(small_config(**{'evaluate.sample_seeds': (1, 1)}))
 
 
@@ -289,9 +290,9 @@ def test_published_stats_give_fid_and_is_and_no_kid(runs, tmp_path, caplog):
   np.savez(published, mu=reference.mean(0)[:4], sigma=np.eye(4))
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(evaluate, 'feature_fn_for', lambda *a: fake)
-    with pytest.raises(config_lib.ConfigError, match='4-d but the features are 16-d.*reference_stats'):
+    with pytest.raises(errors.ConfigError, match='4-d but the features are 16-d.*reference_stats'):
       evaluate.run_evaluate(config, workdir)
-  with pytest.raises(config_lib.ConfigError, match='reference_stats.*features=inception only'):
+  with pytest.raises(errors.ConfigError, match='reference_stats.*features=inception only'):
     evaluate.run_evaluate(config, workdir)
 
 
@@ -334,7 +335,7 @@ def test_unlabelled_data_asks_for_inception_weights(tiny_run, tmp_path):
   data = str(tmp_path / 'unlabelled.npz')
   np.savez(data, images=np.random.default_rng(0).integers(0, 256, (30, 8, 8, 1), dtype=np.uint8))
   config = small_config(**{'data.name': 'npz', 'data.path': data})
-  with pytest.raises(config_lib.ConfigError, match='at least 2 classes.*1 classes.*inception_weights=OUT.npz'):
+  with pytest.raises(errors.ConfigError, match='at least 2 classes.*1 classes.*inception_weights=OUT.npz'):
     evaluate.run_evaluate(config, workdir)
   assert not os.path.exists(os.path.join(workdir, evaluate.EVAL_DIR, 'classifier', 'classifier.npz'))
 

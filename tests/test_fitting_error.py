@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from sferd_jax import errors
 from sferd_jax import config as config_lib
 from sferd_jax.evaluation import fitting_error
 from sferd_jax.sferd import guided_teacher
@@ -316,14 +317,14 @@ def test_run_analysis_writes_plots_and_summary(tiny_run, tmp_path, monkeypatch):
   assert all(v is None for null in level['correlation_null'].values() for v in null.values())
   assert level['risky_error_ratio'] is None and level['risky_fraction'] is None
   assert level['correlation'][level['best_block']] is not None
-  with pytest.raises(config_lib.ConfigError, match='no_such_attn'):
+  with pytest.raises(errors.ConfigError, match='no_such_attn'):
     fitting_error.run_analysis(config, workdir, mask_model_path='teacher')
 
 
 def test_run_analysis_errors(tmp_path):
-  with pytest.raises(checkpointing.CheckpointError, match='no exported model'):
+  with pytest.raises(errors.CheckpointError, match='no exported model'):
     fitting_error.run_analysis(tiny.load_config(), str(tmp_path))
-  with pytest.raises(config_lib.ConfigError, match='num_noises'):
+  with pytest.raises(errors.ConfigError, match='num_noises'):
     fitting_error.run_analysis(tiny.load_config(**{'analyze.num_noises': 1}), str(tmp_path))
-  with pytest.raises(config_lib.ConfigError, match='times'):
+  with pytest.raises(errors.ConfigError, match='times'):
     fitting_error.run_analysis(tiny.load_config(**{'analyze.times': (0.0, 0.5)}), str(tmp_path))

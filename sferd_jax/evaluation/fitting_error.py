@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from sferd_jax import errors
 from sferd_jax import config as config_lib
 from sferd_jax import data as data_lib
 from sferd_jax import images as images_lib
@@ -464,8 +465,8 @@ def _real_images(config, model, num_images):
   source = data_lib.load_source(data_lib.data_config(config))
   want = (model.config.model.image_size, model.config.model.image_size, model.config.model.channels)
   if tuple(source.image_shape) != want:
-    raise config_lib.ConfigError(f'{model.path} takes {want} images but config.data gives {source.describe()}: '
-                                 "set config.model's image_size and channels to the analysed model's")
+    raise errors.ConfigError(f'{model.path} takes {want} images but config.data gives {source.describe()}: '
+                             "set config.model's image_size and channels to the analysed model's")
   indices = np.sort(np.random.default_rng(config.seed).permutation(len(source))[:num_images])
   images, labels = source.read(indices, num_threads=16)
   return images_lib.from_uint8(images), labels.astype(np.int32), source.describe()
@@ -481,12 +482,12 @@ def _mask_model(mask_model_path, workdir, model_config, block):
   mask_config = mask_model.config.model
   for key in ('image_size', 'channels'):
     if mask_config[key] != model_config[key]:
-      raise config_lib.ConfigError(f'mask model {mask_model.path} has {key} {mask_config[key]}, the analysed model '
-                                   f'{model_config[key]}')
+      raise errors.ConfigError(f'mask model {mask_model.path} has {key} {mask_config[key]}, the analysed model '
+                               f'{model_config[key]}')
   names = [b.name for b in unet.attention_blocks(mask_config)]
   if block not in names:
-    raise config_lib.ConfigError(f'config.sferd.attention_guidance.block={block!r} is not an attention block of '
-                                 f'the mask model {mask_model.path}; its blocks are {names}')
+    raise errors.ConfigError(f'config.sferd.attention_guidance.block={block!r} is not an attention block of '
+                             f'the mask model {mask_model.path}; its blocks are {names}')
   return mask_model
 
 
@@ -508,10 +509,10 @@ def run_analysis(config, workdir, *, mask_model_path=None, num_permutations=NULL
   """
   cfg = config.analyze
   if cfg.num_images < 1 or cfg.num_noises < 2 or not cfg.times:
-    raise config_lib.ConfigError('config.analyze: num_images must be >= 1, num_noises >= 2 (a variance needs two '
-                                 'draws) and times non-empty')
+    raise errors.ConfigError('config.analyze: num_images must be >= 1, num_noises >= 2 (a variance needs two '
+                             'draws) and times non-empty')
   if any(not 0.0 < t < 1.0 for t in cfg.times):
-    raise config_lib.ConfigError(f'config.analyze.times must lie in (0, 1), got {tuple(cfg.times)}')
+    raise errors.ConfigError(f'config.analyze.times must lie in (0, 1), got {tuple(cfg.times)}')
   model = _load_model(config, workdir)
   model_config = model.config.model
   x0, labels, data_description = _real_images(config, model, cfg.num_images)

@@ -17,13 +17,11 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
+from sferd_jax import errors
 from sferd_jax.training import sharding as sharding_lib
 
 MODEL_JSON = 'model.json'
 
-
-class CheckpointError(RuntimeError):
-  """A checkpoint or exported model that cannot be used; the message says what to do."""
 
 
 def _abstract(tree):
@@ -38,10 +36,10 @@ class PhaseCheckpoints:
     try:
       os.makedirs(self.directory, exist_ok=True)
     except OSError as e:
-      raise CheckpointError(f'cannot create the checkpoint folder {self.directory}: {e}. Choose a --workdir you '
-                            f'can write to.') from None
+      raise errors.CheckpointError(f'cannot create the checkpoint folder {self.directory}: {e}. Choose a --workdir you '
+                                   f'can write to.') from None
     if not os.access(self.directory, os.W_OK):
-      raise CheckpointError(f'the checkpoint folder {self.directory} is not writable. Choose another --workdir.')
+      raise errors.CheckpointError(f'the checkpoint folder {self.directory} is not writable. Choose another --workdir.')
     self.manager = ocp.CheckpointManager(
         self.directory, item_names=('state', 'meta'),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
@@ -69,7 +67,7 @@ class PhaseCheckpoints:
     return restored['state'], restored['meta']
 
   def _unreadable(self, step, error):
-    return CheckpointError(
+    return errors.CheckpointError(
         f'the checkpoint {self.directory}/{step} cannot be restored ({type(error).__name__}: {error}). It is '
         f'corrupt or was written by an incompatible model or version. Move that folder aside to resume from an '
         f'earlier checkpoint, or start afresh in a new --workdir.')
@@ -101,8 +99,8 @@ def export_model(path, *, trees, info):
   """
   path = os.path.abspath(path)
   if is_exported(path):
-    raise CheckpointError(f'{path} already holds an exported model; it is never overwritten. Move it aside or '
-                          f'use a new --workdir.')
+    raise errors.CheckpointError(f'{path} already holds an exported model; it is never overwritten. Move it aside or '
+                                 f'use a new --workdir.')
   if os.path.exists(path) and jax.process_index() == 0:
     shutil.rmtree(path)  # an export interrupted before model.json was written
   multihost_utils.sync_global_devices(f'export cleared {path}')
@@ -125,13 +123,13 @@ def read_info(path):
   if not os.path.exists(file):
     what = 'does not exist' if not os.path.exists(path) else f'has no {MODEL_JSON} (not an exported model, or an ' \
                                                              f'export that was interrupted)'
-    raise CheckpointError(f'{path} {what}. Point at the model/ folder a finished phase exported, e.g. '
-                          f'<workdir>/teacher/model or <workdir>/distill/stage_<k>/model.')
+    raise errors.CheckpointError(f'{path} {what}. Point at the model/ folder a finished phase exported, e.g. '
+                                 f'<workdir>/teacher/model or <workdir>/distill/stage_<k>/model.')
   try:
     with open(file) as f:
       return json.load(f)
   except (OSError, ValueError) as e:
-    raise CheckpointError(f'{file} cannot be read ({e}); the export is corrupt. Re-export it or use another.') from None
+    raise errors.CheckpointError(f'{file} cannot be read ({e}); the export is corrupt. Re-export it or use another.') from None
 
 
 def load_tree(path, name, like, *, sharding=None):
@@ -148,5 +146,5 @@ def load_tree(path, name, like, *, sharding=None):
   try:
     return ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), name), like)
   except Exception as e:  # pylint: disable=broad-except
-    raise CheckpointError(f'{path}/{name} cannot be restored ({type(e).__name__}: {e}). The export is corrupt or '
-                          f'its architecture differs from the config it was loaded with.') from None
+    raise errors.CheckpointError(f'{path}/{name} cannot be restored ({type(e).__name__}: {e}). The export is corrupt or '
+                                 f'its architecture differs from the config it was loaded with.') from None

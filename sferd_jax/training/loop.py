@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from sferd_jax import errors
 from sferd_jax import config as config_lib
 from sferd_jax import images as images_lib
 from sferd_jax.training import checkpointing
@@ -24,12 +25,6 @@ from sferd_jax.training import sharding
 from sferd_jax.training import steps as steps_lib
 
 
-class TrainingDivergedError(FloatingPointError):
-  """The loss became NaN or infinite."""
-
-
-class IncompatibleRunError(RuntimeError):
-  """The workdir holds a run started with settings this run cannot continue."""
 
 
 @dataclasses.dataclass
@@ -127,7 +122,7 @@ def _check_meta(phase, saved_meta):
   saved = saved_meta.get('config', {})
   for key, value in config_lib.to_json(phase.meta).items():
     if key in saved and saved[key] != value:
-      raise IncompatibleRunError(
+      raise errors.IncompatibleRunError(
           f'{phase.directory} holds a run of {phase.name} started with a different {key!r}:\n  saved:   '
           f'{saved[key]}\n  now:     {value}\nIt is never overwritten. Use a new --workdir, or restore the config '
           f'the run was started with.')
@@ -173,11 +168,11 @@ def _check_steps_per_call(phase, latest=None):
   """The loop strides from the checkpoint's step (latest) by steps_per_call and must land on train_steps exactly."""
   cfg = phase.train_config
   if cfg.train_steps % cfg.steps_per_call:
-    raise config_lib.ConfigError(
+    raise errors.ConfigError(
         f'{phase.name}: steps_per_call={cfg.steps_per_call} does not divide train_steps={cfg.train_steps}; set '
         f'steps_per_call to a divisor of it, e.g. {math.gcd(cfg.train_steps, cfg.steps_per_call)}')
   if latest is not None and latest < cfg.train_steps and latest % cfg.steps_per_call:
-    raise config_lib.ConfigError(
+    raise errors.ConfigError(
         f'{phase.name}: the checkpoint in {phase.directory} is at step {latest}; steps_per_call='
         f'{cfg.steps_per_call} does not divide it, so the run would not end at train_steps={cfg.train_steps}. '
         f'Resume with steps_per_call={math.gcd(latest, cfg.train_steps)} (or another divisor of both {latest} '
@@ -226,8 +221,8 @@ def run_phase(phase, *, batches, mesh, rng):
   if start_step >= cfg.train_steps:
     ckpts.close()
     if 'summary' not in saved_meta:
-      raise IncompatibleRunError(f'{phase.name}: {phase.directory} holds a run at step {start_step}, past '
-                                 f'train_steps={cfg.train_steps}. Raise train_steps, or use a new --workdir.')
+      raise errors.IncompatibleRunError(f'{phase.name}: {phase.directory} holds a run at step {start_step}, past '
+                                        f'train_steps={cfg.train_steps}. Raise train_steps, or use a new --workdir.')
     logging.info('%s: already trained (%d steps); skipping', phase.name, start_step)
     _finish(phase, state, saved_meta['summary'])  # a kill after the last checkpoint may have left them unwritten
     return state, saved_meta['summary']
@@ -249,7 +244,7 @@ def run_phase(phase, *, batches, mesh, rng):
   def record_of(step, metrics):
     values = {k: float(np.mean(v)) for k, v in jax.device_get(metrics).items()}
     if not all(math.isfinite(v) for v in values.values()):
-      raise TrainingDivergedError(
+      raise errors.TrainingDivergedError(
           f'{phase.name}: the loss became {values["loss"]} by step {step} (metrics {values}). The last good '
           f'checkpoint is kept in {ckpts.directory}. Lower the learning rate or enable/tighten grad_clip in the '
           f'config, check the data, then run the same command again to resume.')

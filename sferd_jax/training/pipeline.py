@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from sferd_jax import errors
 from sferd_jax import config as config_lib
 from sferd_jax import data as data_lib
 from sferd_jax import images as images_lib
@@ -101,7 +102,7 @@ def check_architecture(export_path, config):
     diff.update({f'{section}.{k}': (saved.get(k), v) for k, v in wanted.items()
                  if saved.get(k) != v and k not in NOT_ARCHITECTURE})
   if diff:
-    raise loop.IncompatibleRunError(
+    raise errors.IncompatibleRunError(
         f'{export_path} holds a model whose architecture differs from the config (config key: (saved, config)): '
         f'{diff}. Use a new --workdir, or set these config keys to the saved values.')
 
@@ -172,7 +173,7 @@ def check_teacher(config, workdir):
   """Fails before any work when the teacher to distil is missing or has another architecture."""
   path = teacher_path(config, workdir)
   if not checkpointing.is_exported(path):
-    raise checkpointing.CheckpointError(
+    raise errors.CheckpointError(
         f'no teacher to distil at {path}. Train one first (--mode=train_teacher, or put "teacher" in '
         f'config.phases), or point config.distill.teacher at an exported model folder.')
   check_architecture(path, config)
@@ -276,8 +277,8 @@ def write_comparison(config, workdir, *, student_steps=(4, 2, 1), num_samples=8)
 def _finished_stage(workdir, stage, what):
   path = os.path.join(stage_dir(workdir, stage), 'model')
   if not checkpointing.is_exported(path):
-    raise checkpointing.CheckpointError(f'{what} needs the finished distillation stage {stage} at {path}; run the '
-                                        f'distill phase first (it comes before {what} in config.phases).')
+    raise errors.CheckpointError(f'{what} needs the finished distillation stage {stage} at {path}; run the '
+                                 f'distill phase first (it comes before {what} in config.phases).')
   return path
 
 
@@ -345,13 +346,13 @@ def load_stage_teacher(config, workdir, stage, student, *, sharding=None):
   """The params of the model stage `stage`'s student was distilled from, checked against its recorded fingerprint."""
   path = stage_teacher_path(config, workdir, stage)
   if not checkpointing.is_exported(path):
-    raise checkpointing.CheckpointError(f'the teacher of distillation stage {stage} is missing at {path}; it is '
-                                        f'needed to train that stage\'s semantic predictor. Restore it, or rerun '
-                                        f'the distill phase.')
+    raise errors.CheckpointError(f'the teacher of distillation stage {stage} is missing at {path}; it is '
+                                 f'needed to train that stage\'s semantic predictor. Restore it, or rerun '
+                                 f'the distill phase.')
   params = sampling.load(path, sharding=sharding).params
   expected, found = student.config.get('teacher_fingerprint'), checkpointing.fingerprint(params)
   if expected and found != expected:
-    raise checkpointing.CheckpointError(
+    raise errors.CheckpointError(
         f'{path} is not the model stage {stage} was distilled from (fingerprint {found}, expected {expected}). '
         f'Restore that model there, or rerun the distill phase in a new --workdir.')
   return params
@@ -454,8 +455,8 @@ def run_latent(config, workdir, *, mesh=None):
   for stage in config_lib.semantic_stages(config):
     semantic_path = os.path.join(stage_dir(workdir, stage), 'semantic', 'model')
     if not checkpointing.is_exported(semantic_path):
-      raise checkpointing.CheckpointError(f'the latent phase needs the semantic predictor of stage {stage} at '
-                                          f'{semantic_path}; run the semantic phase first.')
+      raise errors.CheckpointError(f'the latent phase needs the semantic predictor of stage {stage} at '
+                                   f'{semantic_path}; run the semantic phase first.')
     directory = os.path.join(stage_dir(workdir, stage), 'latent')
     export_path = os.path.join(directory, 'model')
     if checkpointing.is_exported(export_path):

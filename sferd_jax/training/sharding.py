@@ -9,6 +9,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sferd_jax import errors
 from sferd_jax import config as config_lib
 
 
@@ -52,8 +53,8 @@ def check_batch_size(global_batch_size, mesh, *, what='batch_size'):
   """A global batch splits evenly over the mesh's devices, or ConfigError (a ValueError) saying what to set."""
   n = mesh.devices.size
   if global_batch_size % n:
-    raise config_lib.ConfigError(f'{what}={global_batch_size} must be divisible by the number of devices ({n}); '
-                                 f'use a multiple of {n}')
+    raise errors.ConfigError(f'{what}={global_batch_size} must be divisible by the number of devices ({n}); '
+                             f'use a multiple of {n}')
 
 
 def put_batch(local_batch, mesh, *, leading_axes=1):
