@@ -8,12 +8,13 @@ weights too, so every path computes something non-degenerate), fixed random batc
 through loop.compile_step, the training loop's own, so bench measures the executable training runs), warm-up
 calls, then --steps timed calls, each run to completion. The plain and the attention-guided distill steps are timed
 alternately in one run, and so are sampling with and without the semantic predictor, so that each ratio sees the
-same machine load. FLOPs are XLA's HLO cost analysis before compilation (loop._cost_flops). bench/README.md
+same machine load. FLOPs are XLA's HLO cost analysis before compilation (loop.cost_flops). bench/README.md
 explains every field.
 """
 
 import argparse
 import ast
+import copy
 import importlib.util
 import json
 import os
@@ -32,15 +33,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from sferd_jax import config as config_lib
-from sferd_jax import sampling
 from sferd_jax.models import latent as latent_lib
 from sferd_jax.models import semantic as semantic_lib
 from sferd_jax.models import unet
+from sferd_jax import sampling
 from sferd_jax.sferd import guided_teacher
+from sferd_jax import sharding
 from sferd_jax.training import loop
-from sferd_jax.training import sharding
-from sferd_jax.training import state as state_lib
-from sferd_jax.training import steps as steps_lib
+from sferd_jax.training import phases
 # pylint: enable=wrong-import-position
 
 MEASURES = ('teacher', 'distill', 'guided', 'semantic', 'sample')
@@ -130,10 +130,10 @@ def random_batches(config, *, batch_size, steps_per_call, seed=0):
   return {'image': images, 'label': labels}
 
 
-def init_state(params, *, tx, ema_decay, mesh):
-  """A TrainState on a copy of params: the step donates its state, and the same params may be a teacher argument
-  (jit would otherwise forward the input buffers into the state unchanged)."""
-  create = lambda p: state_lib.TrainState.create(params=jax.tree.map(jnp.copy, p), tx=tx, ema_decay=ema_decay)
+def init_state(spec, params, *, mesh):
+  """The phase's TrainState on a copy of params: the step donates its state, and the same params may be a teacher
+  argument (jit would otherwise forward the input buffers into the state unchanged)."""
+  create = lambda p: spec.create(jax.tree.map(jnp.copy, p))
   return jax.jit(create, out_shardings=sharding.replicated(mesh))(params)
 
 
@@ -213,32 +213,24 @@ class TrainStep:
 
 def teacher_step(config, *, params, mesh):
   """(step, state, extra arguments) of the teacher phase."""
-  train_config = config.teacher
-  tx, schedule = state_lib.make_optimizer(train_config.optimizer, train_config.train_steps)
-  step = steps_lib.make_teacher_step(model=unet.make_unet(config.model), model_config=config.model,
-                                     diffusion_config=config.diffusion.to_dict(), train_config=train_config, tx=tx,
-                                     schedule=schedule)
-  return step, init_state(params, tx=tx, ema_decay=train_config.ema_decay, mesh=mesh), ()
+  spec = phases.build(config, 'teacher')
+  return spec.step, init_state(spec, params, mesh=mesh), ()
 
 
-def guidance_section(config):
-  """The config's attention-guidance section, switched on; it must have a nonzero weight."""
-  guidance = dict(config.sferd.attention_guidance.to_dict(), enabled=True)
-  if not guided_teacher.is_active(guidance):
+def with_guidance(config, guided):
+  """The config with its attention-guidance section switched on (it must have a nonzero weight) or off."""
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.sferd.attention_guidance.enabled = bool(guided)
+  if guided and not guided_teacher.is_active(config.sferd.attention_guidance):
     raise ValueError('config.sferd.attention_guidance.weight is 0: the guided step would be the plain one')
-  return guidance
+  return config
 
 
 def distill_step(config, *, params, mesh, guided):
   """The first stage's distill step (its cost does not depend on the stage), the student starting as the teacher."""
-  train_config = config.distill
-  tx, schedule = state_lib.make_optimizer(train_config.optimizer, train_config.train_steps)
-  teacher_fn = guided_teacher.denoise_factory(config.model, guidance_section(config) if guided else None)
-  step = steps_lib.make_distill_step(model=unet.make_unet(config.model), model_config=config.model,
-                                     diffusion_config=config.diffusion.to_dict(), train_config=train_config, tx=tx,
-                                     schedule=schedule, teacher_fn=teacher_fn)
-  state = init_state(params, tx=tx, ema_decay=train_config.ema_decay, mesh=mesh)
-  return step, state, (params, jnp.int32(student_steps(config)))
+  spec = phases.build(with_guidance(config, guided), 'distill')
+  return spec.step, init_state(spec, params, mesh=mesh), (params, jnp.int32(student_steps(config)))
 
 
 def student_steps(config):
@@ -250,20 +242,14 @@ def semantic_student_steps(config):
 
 
 def semantic_step(config, *, params, mesh):
-  """E_phi and G_tau's step on a frozen student, with the teacher guided as the config says (as run_semantic)."""
-  train_config = config.semantic
-  tx, schedule = state_lib.make_optimizer(train_config.optimizer, train_config.train_steps)
+  """E_phi and G_tau's step on a frozen student, with the teacher guided as the config says (as the pipeline)."""
+  spec = phases.build(config, 'semantic')
   encoder, predictor = semantic_lib.make_semantic_models(config.model, config.sferd.semantic)
-  step = steps_lib.make_semantic_step(
-      student=unet.make_unet(config.model), encoder=encoder, predictor=predictor, model_config=config.model,
-      semantic_config=config.sferd.semantic, diffusion_config=config.diffusion.to_dict(), train_config=train_config,
-      tx=tx, schedule=schedule,
-      teacher_fn=guided_teacher.denoise_factory(config.model, config.sferd.attention_guidance))
   semantic_params = random_params(
       lambda rng: semantic_lib.init_semantic_params(encoder, predictor, rng, model_config=config.model), seed=1)
-  state = init_state(semantic_params, tx=tx, ema_decay=train_config.ema_decay, mesh=mesh)
   # The student and the teacher share the random params: only their shapes matter for the cost.
-  return step, state, (params, params, jnp.int32(semantic_student_steps(config)))
+  return spec.step, init_state(spec, semantic_params, mesh=mesh), (
+      params, params, jnp.int32(semantic_student_steps(config)))
 
 
 # Sampling.
@@ -282,22 +268,19 @@ def semantic_predictor_params(config, seed=2):
 
 
 class Sampler:
-  """The jitted function sample() runs for one batch (sampling._sampler), AOT-compiled for fixed inputs.
+  """The jitted function sample() runs for one batch (sampling.batch_sampler), AOT-compiled for fixed inputs.
 
   Timed without sample()'s host work around it (initial noise, uint8 conversion, the copy to the host).
   """
 
   def __init__(self, config, *, params, batch_size, num_steps, num_devices, semantic):
-    semantic_json = 'null'
-    semantic_params = None
+    semantic_config = semantic_params = None
     if semantic:
-      semantic_json = sampling._frozen(  # pylint: disable=protected-access
-          {'semantic': config.sferd.semantic.to_dict(), 'latent': config.sferd.latent.to_dict(),
-           'latent_num_classes': int(config.model.num_classes)})
+      semantic_config = {'semantic': config.sferd.semantic.to_dict(), 'latent': config.sferd.latent.to_dict(),
+                         'latent_num_classes': int(config.model.num_classes)}
       semantic_params = semantic_predictor_params(config)
-    run, mesh = sampling._sampler(  # pylint: disable=protected-access
-        sampling._frozen(config.model), sampling._frozen(config.diffusion),  # pylint: disable=protected-access
-        'null', semantic_json, 'ddim', True, num_devices)
+    run, mesh = sampling.batch_sampler(config.model, diffusion_config=config.diffusion.to_dict(),
+                                       semantic_config=semantic_config, num_devices=num_devices)
     shape = (config.model.image_size, config.model.image_size, config.model.channels)
     data = sharding.batch_sharding(mesh, leading_axes=0)
     z = jax.device_put(sampling.initial_noise(jax.random.key(3), num_samples=batch_size, shape=shape), data)
@@ -312,7 +295,7 @@ class Sampler:
     lowered = run.lower(*args)
     compiled = lowered.compile()
     self.compile_s = time.perf_counter() - start
-    self.flops = loop._cost_flops(lowered)  # pylint: disable=protected-access
+    self.flops = loop.cost_flops(lowered)
     _log_compiled(name, self.compile_s, self.flops)
     self.timed = Timed(name, compiled, args)
     self.batch_size = batch_size

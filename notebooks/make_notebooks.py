@@ -79,14 +79,15 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
+import sferd_jax
 from sferd_jax import config as config_lib
 from sferd_jax import images as images_lib
+from sferd_jax import layout
+from sferd_jax import pipeline
 from sferd_jax import sampling
 from sferd_jax.diffusion import process
 from sferd_jax.models import unet
 from sferd_jax.sferd import guided_teacher
-from sferd_jax.training import checkpointing
-from sferd_jax.training import pipeline
 
 logging.set_verbosity(logging.INFO)  # one progress line per logged step; Orbax's per-save lines are dropped
 std_logging.getLogger('absl').addFilter(lambda r: r.levelno >= std_logging.WARNING or '/orbax/' not in r.pathname)
@@ -130,16 +131,13 @@ print(f'pipeline finished (or already done) in {time.time() - start:.0f} s')
 
 LOAD_MD = r"""## Load the teacher and the students
 
-`sampling.load` reads an exported model: its parameters and everything needed to sample it. Each distillation
+`sferd_jax.load` reads an exported model: its parameters and everything needed to sample it. Each distillation
 stage's student samples with half the steps of its teacher.
 """
 
-LOAD = r"""teacher = sampling.load(os.path.join(WORKDIR, 'teacher', 'model'))
-students = []
-for stage in range(1, config_lib.num_stages(config) + 1):
-  path = os.path.join(pipeline.stage_dir(WORKDIR, stage), 'model')
-  if checkpointing.is_exported(path):
-    students.append(sampling.load(path))
+LOAD = r"""run = layout.RunLayout(WORKDIR)  # where each phase's export lives in the run folder
+teacher = sferd_jax.load(run.teacher_model)
+students = [sferd_jax.load(path) for _, path in run.finished_stages()]
 print(f'teacher: {teacher.config.num_steps} steps')
 for s in students:
   print(f'{s.config.name}: {s.config.num_steps} steps' + (', with a semantic predictor' if s.has_semantic else ''))
@@ -259,7 +257,7 @@ NEXT_MD = r"""## Next
 
 - The same run from a terminal: `python -m sferd_jax.main --config=configs/quickstart.py --workdir=runs/quickstart`;
   any config key can be overridden, e.g. `--config.sferd.attention_guidance.weight=0.5`.
-- Sample an exported model: `--mode=sample --config.sample.num_steps=1`, or `sampling.load(workdir).sample(...)`.
+- Sample an exported model: `--mode=sample --config.sample.num_steps=1`, or `sferd_jax.load(workdir).sample(...)`.
 - CIFAR-10 and ImageNet 64x64 configs, and launch scripts for GPU machines, SLURM clusters and TPU pods: `configs/`,
   `launch/README.md`.
 """

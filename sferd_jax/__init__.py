@@ -12,7 +12,10 @@ __all__ = ['Model', 'load', 'sample']
 
 def __getattr__(name):
   # Lazy, so `import sferd_jax.config` (every config file does it) does not import JAX.
-  if name in __all__:
+  if name in ('Model', 'load'):
+    from sferd_jax import exports  # pylint: disable=g-import-not-at-top
+    return getattr(exports, name)
+  if name == 'sample':
     from sferd_jax import sampling  # pylint: disable=g-import-not-at-top
-    return getattr(sampling, name)
+    return sampling.sample
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -17,10 +17,13 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from sferd_jax import errors
 from sferd_jax import config as config_lib
+from sferd_jax import errors
 
-MODES = ('pipeline', 'train_teacher', 'distill', 'semantic', 'latent', 'sample', 'evaluate', 'analyze', 'study')
+# Modes that run one phase of the pipeline (pipeline.run_phase), by the phase's name.
+PHASE_MODES = {'train_teacher': 'teacher', 'distill': 'distill', 'semantic': 'semantic', 'latent': 'latent',
+               'evaluate': 'evaluate'}
+MODES = ('pipeline', *PHASE_MODES, 'sample', 'analyze', 'study')
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path of a config file in configs/.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder: checkpoints, exported models, samples, metrics.')
@@ -57,6 +60,29 @@ def _run_study(config, workdir):
   study.run_study(config, workdir)
 
 
+def _write_samples(config, workdir):
+  """The sample mode: a PNG grid and an .npz of config.sample.num_samples samples of config.sample.model."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from sferd_jax import exports, files, images, layout  # pylint: disable=g-import-not-at-top
+  model = exports.load(exports.in_workdir(config.sample.model, workdir))
+  num_steps = config.sample.num_steps or model.config.num_steps
+  guidance = dict(config.sferd.attention_guidance, enabled=True) if config.sample.guidance else None
+  semantic = {'semantic': True, 'stop_fraction': config.sferd.semantic.stop_fraction} if config.sample.semantic else {}
+  samples = model.sample(jax.random.key(config.seed), num_samples=config.sample.num_samples, num_steps=num_steps,
+                         sampler=config.sample.sampler, clip_x=config.sample.clip_x, guidance=guidance,
+                         batch_size=config.sample.batch_size, **semantic)
+  name = (f'{model.config.name}_{num_steps}steps_{config.sample.sampler}' + ('_guided' if guidance else '')
+          + ('_semantic' if config.sample.semantic else ''))
+  if jax.process_index() != 0:  # every process samples the same images; one writes them
+    return
+  out = os.path.join(layout.RunLayout(workdir).samples_dir, name)
+  images.save_grid(out + '.png', samples[:256])
+  with files.atomic_path(out + '.npz') as tmp:
+    np.savez_compressed(tmp, images=samples)
+  logging.info('wrote %d samples of %s (%d steps) to %s.{png,npz}', len(samples), model.path, num_steps, out)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -66,9 +92,8 @@ def main(argv):
     import jax  # pylint: disable=g-import-not-at-top
     jax.config.update('jax_compilation_cache_dir', _JIT_CACHE.value)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 2.0)
-  from sferd_jax.training import pipeline, sharding  # pylint: disable=g-import-not-at-top
-  from sferd_jax import sampling  # pylint: disable=g-import-not-at-top
-  from sferd_jax.evaluation import evaluate, fitting_error  # pylint: disable=g-import-not-at-top
+  from sferd_jax import pipeline, sharding  # pylint: disable=g-import-not-at-top
+  from sferd_jax.evaluation import fitting_error  # pylint: disable=g-import-not-at-top
   config, workdir = _CONFIG.value, _WORKDIR.value
   try:
     if config is None or not workdir:
@@ -82,18 +107,12 @@ def main(argv):
       _save_config(config, workdir)
     except OSError as e:
       raise errors.ConfigError(f'--workdir={workdir} is not writable ({e}); choose another folder') from None
-    modes = {
-        'pipeline': pipeline.run_pipeline,
-        'train_teacher': pipeline.run_teacher,
-        'distill': pipeline.run_distill,
-        'semantic': pipeline.run_semantic,
-        'latent': pipeline.run_latent,
-        'sample': sampling.write_samples,
-        'evaluate': evaluate.run_evaluate,
-        'analyze': fitting_error.run_analysis,
-        'study': _run_study,
-    }
-    modes[_MODE.value](config, workdir)
+    if _MODE.value in PHASE_MODES:
+      pipeline.run_phase(config, workdir, PHASE_MODES[_MODE.value])
+    else:
+      tools = {'pipeline': pipeline.run_pipeline, 'sample': _write_samples, 'analyze': fitting_error.run_analysis,
+               'study': _run_study}
+      tools[_MODE.value](config, workdir)
   except errors.USER_ERRORS as e:  # the user's to fix: one clear message, no traceback
     logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)

@@ -1,78 +1,29 @@
-"""The public sampling API: `sample(params, rng, ...)` and `load(path)`.
+"""The public sampling API: `sample(params, rng, ...)`; exports.load(path).sample(...) calls it with a model's own
+architecture and step count.
 
 The CLI's sample mode, the notebooks, the training loop's grids and the FID evaluator all call `sample`.
 """
 
-import dataclasses
 import functools
 import json
-import os
-from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from sferd_jax import errors
-from sferd_jax import images as images_lib
 from sferd_jax.diffusion import samplers
 from sferd_jax.diffusion import schedules
+from sferd_jax import images as images_lib
 from sferd_jax.models import denoiser
 from sferd_jax.models import latent
 from sferd_jax.models import semantic
 from sferd_jax.models import unet
 from sferd_jax.sferd import guided_teacher
 from sferd_jax.sferd import semantic_predictor
-from sferd_jax.training import checkpointing
-from sferd_jax.training import sharding
+from sferd_jax import sharding
 
 DEFAULT_DIFFUSION = dict(logsnr_min=schedules.LOGSNR_MIN, logsnr_max=schedules.LOGSNR_MAX)
-
-
-@dataclasses.dataclass(frozen=True)
-class SemanticPredictor:
-  """A stage's semantic gradient predictor (E_phi, G_tau) and the latent model that samples its codes z_sem."""
-  params: Any            # {'encoder': E_phi, 'predictor': G_tau}
-  latent_params: Any     # the latent denoiser (MLPSkipNet)
-  stats: Any             # {'mean', 'std'} of E_phi's codes over the training set
-  # {'semantic': config.sferd.semantic, 'latent': config.sferd.latent, 'latent_num_classes': 0 = unconditional}
-  config: ml_collections.ConfigDict
-
-  def with_stop_fraction(self, stop_fraction):
-    """The same predictor, sampled with PDAE's switch-off at another fraction (a sampling setting only)."""
-    if not 0.0 <= float(stop_fraction) < 1.0:
-      raise ValueError(f'stop_fraction must be in [0, 1), got {stop_fraction}')
-    config = self.config.to_dict()
-    config['semantic']['stop_fraction'] = float(stop_fraction)
-    return dataclasses.replace(self, config=ml_collections.ConfigDict(config))
-
-
-@dataclasses.dataclass(frozen=True)
-class Model:
-  """A finished, exported model: its parameters and what is needed to sample it."""
-  params: Any
-  config: ml_collections.ConfigDict   # model (architecture), diffusion, num_steps, phase, stage, ...
-  path: str
-  semantic: Optional[SemanticPredictor] = None
-
-  @property
-  def has_semantic(self):
-    return self.semantic is not None
-
-  def sample(self, rng, *, num_samples, num_steps=None, semantic=False, stop_fraction=None, **kwargs):
-    """sample() with this model's architecture and, by default, its own step count; semantic=True adds the
-    semantic gradient predictor (a code drawn from the latent model), shifting all but the last
-    floor(stop_fraction * num_steps) steps (None: the stop_fraction the predictor was exported with)."""
-    if semantic and self.semantic is None:
-      raise ValueError(f'{self.path} has no semantic gradient predictor: run the semantic and latent phases for '
-                       f'its stage (config.phases, config.sferd.semantic.stages)')
-    predictor = self.semantic if semantic else None
-    if predictor is not None and stop_fraction is not None:
-      predictor = predictor.with_stop_fraction(stop_fraction)
-    return sample(self.params, rng, model_config=self.config.model, num_samples=num_samples,
-                  num_steps=num_steps or self.config.num_steps, diffusion_config=self.config.diffusion,
-                  semantic=predictor, **kwargs)
 
 
 def _frozen(mapping):
@@ -102,6 +53,20 @@ def _sampler(model_json, diffusion_json, guidance_json, semantic_json, sampler, 
                                 clip_x=clip_x, **diffusion_config)
 
   return jax.jit(run, in_shardings=(rep, data, data, rep, rep, rep, data), out_shardings=data), mesh
+
+
+def batch_sampler(model_config, *, diffusion_config=None, guidance=None, semantic_config=None, sampler='ddim',
+                  clip_x=True, num_devices=None):
+  """The jitted function sample() runs on each batch, and the mesh of this process's devices it runs on.
+
+  run(params, z, labels, rng, num_steps, semantic_params, code_keys) -> x; z, labels and code_keys are sharded over
+  the mesh's batch axis. guidance: an active attention-guidance section or None; semantic_config: a
+  SemanticPredictor's config or None. Compiled once per distinct arguments (cached).
+  """
+  return _sampler(_frozen(model_config), _frozen(diffusion_config or DEFAULT_DIFFUSION),
+                  _frozen(guidance) if guidance is not None else 'null',
+                  _frozen(semantic_config) if semantic_config is not None else 'null',
+                  sampler, bool(clip_x), num_devices or jax.local_device_count())
 
 
 def _shifted_denoise(model_config, diffusion_config, semantic_config, params, semantic_params, labels, *, code_keys,
@@ -180,10 +145,9 @@ def sample(params, rng, *, model_config, num_samples, num_steps, labels=None, sa
   if guidance is not None and semantic is not None:
     raise ValueError('sampling with both attention guidance and the semantic predictor is not supported; '
                      'choose one')
-  run, mesh = _sampler(_frozen(model_config), _frozen(diffusion_config or DEFAULT_DIFFUSION),
-                       _frozen(guidance) if guidance is not None else 'null',
-                       _frozen(semantic.config) if semantic is not None else 'null',
-                       sampler, bool(clip_x), num_devices)
+  run, mesh = batch_sampler(model_config, diffusion_config=diffusion_config, guidance=guidance,
+                            semantic_config=None if semantic is None else semantic.config, sampler=sampler,
+                            clip_x=clip_x, num_devices=num_devices)
   semantic_params = None if semantic is None else sharding.put_replicated(sharding.host_local(
       {'predictor': semantic.params['predictor'], 'latent': semantic.latent_params, 'stats': semantic.stats}), mesh)
   shape = (model_config.image_size, model_config.image_size, model_config.channels)
@@ -256,109 +220,3 @@ def code_sensitivity(model, rng, *, num_samples=256, num_codes=2):
                                          'latent': model.semantic.latent_params, 'stats': model.semantic.stats})
   out = run(sharding.host_local(model.params), semantic_params, rng)
   return {k: float(v) for k, v in jax.device_get(out).items()}
-
-
-def in_workdir(path, workdir):
-  """A model path as configs give it: None = the workdir itself; relative paths are tried inside the workdir first
-  ('teacher', 'distill/stage_3'), then as given."""
-  if not path:
-    return workdir
-  if not os.path.isabs(path) and os.path.exists(os.path.join(workdir, path)):
-    return os.path.join(workdir, path)
-  return path
-
-
-def resolve_model_path(path):
-  """An export folder, a phase folder (its model/) or a run folder (its last finished stage, else its teacher)."""
-  path = os.path.abspath(path)
-  for candidate in (path, os.path.join(path, 'model')):
-    if checkpointing.is_exported(candidate):
-      return candidate
-  stages_dir = os.path.join(path, 'distill')
-  stages = []
-  if os.path.isdir(stages_dir):
-    for name in os.listdir(stages_dir):
-      model_dir = os.path.join(stages_dir, name, 'model')
-      if name.startswith('stage_') and name[6:].isdigit() and checkpointing.is_exported(model_dir):
-        stages.append((int(name[6:]), model_dir))
-  if stages:
-    return max(stages)[1]
-  teacher = os.path.join(path, 'teacher', 'model')
-  if checkpointing.is_exported(teacher):
-    return teacher
-  raise errors.CheckpointError(
-      f'no exported model found at {path}: expected an export (a folder with {checkpointing.MODEL_JSON}), a phase '
-      f'folder holding model/, or a run folder with teacher/model or distill/stage_<k>/model. Train one first '
-      f'(python -m sferd_jax.main --mode=pipeline ...).')
-
-
-def abstract_params(model_config):
-  """Shapes and dtypes of a U-Net's parameters, without computing them."""
-  model = unet.make_unet(model_config)
-  return jax.eval_shape(lambda: unet.init_params(model, jax.random.key(0), model_config=model_config))
-
-
-def load_semantic_params(path, model_config, semantic_config, *, sharding=None):
-  """{'encoder', 'predictor'} of an exported semantic phase; sharding as checkpointing.load_tree's."""
-  encoder, predictor = semantic.make_semantic_models(model_config, semantic_config)
-  like = jax.eval_shape(lambda: semantic.init_semantic_params(encoder, predictor, jax.random.key(0),
-                                                              model_config=model_config))
-  return checkpointing.load_tree(path, 'params', like, sharding=sharding)
-
-
-def _load_semantic(stage_root, model_config, *, sharding=None):
-  """The SemanticPredictor exported beside a stage's model (stage_<k>/{semantic,latent}/model), or None."""
-  semantic_path = os.path.join(stage_root, 'semantic', 'model')
-  latent_path = os.path.join(stage_root, 'latent', 'model')
-  if not (checkpointing.is_exported(semantic_path) and checkpointing.is_exported(latent_path)):
-    return None
-  semantic_config = checkpointing.read_info(semantic_path)['semantic']
-  latent_info = checkpointing.read_info(latent_path)
-  num_classes = int(latent_info.get('num_classes', 0) or 0)  # absent from exports of unconditional latent models
-  latent_model = latent.make_latent_model(latent_info['latent'], num_classes=num_classes)
-  dim = latent_info['latent_dim']
-  latent_like = jax.eval_shape(lambda: latent.init_latent_params(latent_model, jax.random.key(0), dim=dim))
-  stats_like = {k: jax.ShapeDtypeStruct((dim,), jnp.float32) for k in ('mean', 'std')}
-  return SemanticPredictor(
-      params=load_semantic_params(semantic_path, model_config, semantic_config, sharding=sharding),
-      latent_params=checkpointing.load_tree(latent_path, 'params', latent_like, sharding=sharding),
-      stats=checkpointing.load_tree(latent_path, 'stats', stats_like, sharding=sharding),
-      config=ml_collections.ConfigDict({'semantic': semantic_config, 'latent': latent_info['latent'],
-                                        'latent_num_classes': num_classes}))
-
-
-def load(path, *, sharding=None):
-  """Loads an exported model (or the last one of a run folder): Model(params, config, path, semantic).
-
-  A distillation stage's semantic gradient predictor and latent model come along when they were trained.
-  sharding: of the loaded arrays; None = replicated over this process's devices (see checkpointing.load_tree).
-  Every process of a multi-host job must call it: Orbax's restore synchronises them.
-  """
-  path = resolve_model_path(path)
-  config = ml_collections.ConfigDict(checkpointing.read_info(path))
-  params = checkpointing.load_tree(path, 'params', abstract_params(config.model), sharding=sharding)
-  return Model(params=params, config=config, path=path,
-               semantic=_load_semantic(os.path.dirname(path), config.model, sharding=sharding))
-
-
-def write_samples(config, workdir):
-  """The CLI's sample mode: a PNG grid and an .npz of config.sample.num_samples samples."""
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  model = load(in_workdir(config.sample.model, workdir))
-  num_steps = config.sample.num_steps or model.config.num_steps
-  guidance = dict(config.sferd.attention_guidance, enabled=True) if config.sample.guidance else None
-  semantic = {'semantic': True, 'stop_fraction': config.sferd.semantic.stop_fraction} if config.sample.semantic else {}
-  images = model.sample(jax.random.key(config.seed), num_samples=config.sample.num_samples, num_steps=num_steps,
-                        sampler=config.sample.sampler, clip_x=config.sample.clip_x, guidance=guidance,
-                        batch_size=config.sample.batch_size, **semantic)
-  name = (f'{model.config.name}_{num_steps}steps_{config.sample.sampler}' + ('_guided' if guidance else '')
-          + ('_semantic' if config.sample.semantic else ''))
-  if jax.process_index() != 0:  # every process samples the same images; one writes them
-    return images
-  out_dir = os.path.join(workdir, 'samples')
-  os.makedirs(out_dir, exist_ok=True)
-  images_lib.save_grid(os.path.join(out_dir, name + '.png'), images[:256])
-  np.savez_compressed(os.path.join(out_dir, name + '.npz'), images=images)
-  logging.info('wrote %d samples of %s (%d steps) to %s/%s.{png,npz}', len(images), model.path, num_steps, out_dir,
-               name)
-  return images

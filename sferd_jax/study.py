@@ -43,14 +43,14 @@ from typing import Optional
 
 from absl import logging
 
-from sferd_jax import errors
 from sferd_jax import config as config_lib
-from sferd_jax import files
+from sferd_jax import errors
 from sferd_jax.evaluation import evaluate
 from sferd_jax.evaluation import fitting_error
 from sferd_jax.evaluation import study_report
-from sferd_jax.training import checkpointing
-from sferd_jax.training import pipeline
+from sferd_jax import files
+from sferd_jax import layout
+from sferd_jax import pipeline
 
 ROWS_JSON = 'rows.json'
 
@@ -100,7 +100,7 @@ def student_stages(config):
 
 
 def teacher_path(workdir):
-  return os.path.abspath(os.path.join(workdir, 'teacher', 'model'))
+  return os.path.abspath(layout.RunLayout(workdir).teacher_model)
 
 
 def run_dir(workdir, run):
@@ -142,10 +142,8 @@ def _copy_tree(src, dst):
   """src -> dst through a temporary name, so an interrupted copy is never taken for a finished one."""
   if os.path.exists(dst):
     return
-  tmp = f'{dst}.tmp{os.getpid()}'
-  shutil.rmtree(tmp, ignore_errors=True)
-  shutil.copytree(src, tmp)
-  os.replace(tmp, dst)
+  with files.atomic_path(dst) as tmp:
+    shutil.copytree(src, tmp)
 
 
 def _write_json(path, value):
@@ -206,11 +204,11 @@ def run_seed(config, workdir, seed, *, first_seed, classifier_dir):
         export = os.path.join('distill', f'stage_{stage}', 'model')
         _copy_tree(os.path.join(source, export), os.path.join(folder, export))
     if classifier_dir:
-      _copy_tree(classifier_dir, os.path.join(folder, evaluate.EVAL_DIR, 'classifier'))
+      _copy_tree(classifier_dir, layout.RunLayout(folder).classifier_dir)
     cfg = run_config(config, workdir, run, first_seed=first_seed)
     logging.info('study: seed %d, run %s (phases %s)', seed, run.name, cfg.phases)
     pipeline.run_pipeline(cfg, folder)
-    rows += arm_rows(config, run, evaluate.load_rows(os.path.join(folder, evaluate.EVAL_DIR)))
+    rows += arm_rows(config, run, evaluate.load_rows(layout.RunLayout(folder).evaluate_dir))
   if config.study.inception_weights:
     rows += inception_rows(config, workdir, seed)
   return rows
@@ -219,7 +217,7 @@ def run_seed(config, workdir, seed, *, first_seed, classifier_dir):
 def _share_reference_features(src, dst):
   """Copies src's cached reference features (evaluate/reference_*.npz) into dst's evaluate folder; evaluate checks
   that a cache was made from its own data and image count before using it."""
-  src, dst = os.path.join(src, evaluate.EVAL_DIR), os.path.join(dst, evaluate.EVAL_DIR)
+  src, dst = layout.RunLayout(src).evaluate_dir, layout.RunLayout(dst).evaluate_dir
   if not os.path.isdir(src):
     return
   os.makedirs(dst, exist_ok=True)
@@ -255,7 +253,7 @@ def inception_rows(config, workdir, seed):
     logging.info('study: seed %d, %s at 1 step with the FID Inception', seed, arm)
     evaluate.run_evaluate(config_lib.validate(cfg), folder)
     rows += arm_rows(config, dataclasses.replace(run, arms=((arm, semantic),)),
-                     evaluate.load_rows(os.path.join(folder, evaluate.EVAL_DIR)))
+                     evaluate.load_rows(layout.RunLayout(folder).evaluate_dir))
   return rows
 
 
@@ -271,15 +269,15 @@ def run_analyses(config, workdir, seed):
   if stage is not None:
     for arm, name in (('pd', 'pd'), ('sferd', 'guided')):
       run = next(r for r in runs_of_seed(config, seed) if r.name == name)
-      path = os.path.join(run_dir(workdir, run), 'distill', f'stage_{stage}')
-      if not checkpointing.is_exported(os.path.join(path, 'model')):
+      path = layout.RunLayout(run_dir(workdir, run)).stage_dir(stage)
+      if not layout.is_exported(layout.export_of(path)):
         logging.info('study: %s is not on this machine; distilling it again for the analysis', path)
-        pipeline.run_distill(run_config(config, workdir, run, first_seed=False), run_dir(workdir, run))
+        pipeline.run_phase(run_config(config, workdir, run, first_seed=False), run_dir(workdir, run), 'distill')
       models[f'{arm}_1step'] = path
   summaries = {}
   for name, path in models.items():
     folder = os.path.join(workdir, 'analyze', name)
-    summary_path = os.path.join(folder, fitting_error.ANALYZE_DIR, 'summary.json')
+    summary_path = os.path.join(layout.RunLayout(folder).analyze_dir, 'summary.json')
     if not os.path.exists(summary_path):
       cfg = without_study(config)
       with cfg.unlocked():
@@ -353,14 +351,14 @@ def run_study(config, workdir):
         'sferd_jax.evaluation.export_inception SRC.pt OUT.npz` (README, "Evaluation"), or pass '
         '--config.study.inception_weights= to score with the classifier alone.')
   # The teacher: one for every arm and seed.
-  _restore(results_dir, workdir, os.path.join('teacher', 'model'))
+  _restore(results_dir, workdir, layout.RunLayout('').teacher_model)
   base = without_study(config)
-  pipeline.run_teacher(base, workdir)
-  _mirror(results_dir, workdir, os.path.join('teacher', 'model'))
+  pipeline.run_phase(base, workdir, 'teacher')
+  _mirror(results_dir, workdir, layout.RunLayout('').teacher_model)
   # One feature space for every run: the classifier, trained once.
   classifier_dir = None
   if config.evaluate.features != 'inception' and not config.evaluate.inception_weights:
-    relative = os.path.join(evaluate.EVAL_DIR, 'classifier')
+    relative = layout.RunLayout('').classifier_dir
     _restore(results_dir, workdir, relative)
     evaluate.classifier_feature_fn(base, workdir)
     _mirror(results_dir, workdir, relative)

@@ -26,7 +26,7 @@ def tiny_run(tmp_path_factory):
   """The whole tiny pipeline, run once per test process: a teacher, distillation 4 -> 2 -> 1 steps, and the
   semantic predictor and latent model of the last stage. Returns (workdir, traces): traces counts how often the
   distill step was traced."""
-  from sferd_jax.training import pipeline  # pylint: disable=g-import-not-at-top
+  from sferd_jax import pipeline  # pylint: disable=g-import-not-at-top
   from sferd_jax.training import steps as steps_lib  # pylint: disable=g-import-not-at-top
   import tiny  # pylint: disable=g-import-not-at-top
   traces = []

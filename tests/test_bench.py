@@ -11,8 +11,8 @@ import jax
 import numpy as np
 import pytest
 
+from sferd_jax import sharding
 from sferd_jax.training import loop
-from sferd_jax.training import sharding
 from sferd_jax.training import steps as steps_lib
 import tiny
 
@@ -113,7 +113,7 @@ def test_compile_step_counts_every_step_of_a_rolled_scan(run, monkeypatch):
     flops[k] = loop._call_flops(jitted, lowered[k], args)  # pylint: disable=protected-access
   assert flops[1] / 1e9 == pytest.approx(run[0]['teacher']['gflop_per_step'])
   assert flops[3] == 3 * flops[1]
-  assert loop._cost_flops(lowered[3]) == pytest.approx(flops[1], rel=0.01)  # pylint: disable=protected-access
+  assert loop.cost_flops(lowered[3]) == pytest.approx(flops[1], rel=0.01)
 
 
 def test_summary_table_has_a_row_per_record(run):
@@ -136,6 +136,6 @@ def test_overrides_and_argument_errors():
     with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
       bench.parse_args(bad)
   with pytest.raises(ValueError, match='weight'):
-    bench.guidance_section(tiny.load_config(**{'sferd.attention_guidance.weight': 0.0}))
+    bench.with_guidance(tiny.load_config(**{'sferd.attention_guidance.weight': 0.0}), True)
   np.testing.assert_array_equal(bench.random_batches(config, batch_size=4, steps_per_call=2)['image'],
                                 bench.random_batches(config, batch_size=4, steps_per_call=2)['image'])

@@ -6,7 +6,6 @@ import optax
 import pytest
 
 from sferd_jax import errors
-from sferd_jax import config as config_lib
 from sferd_jax.evaluation import classifier
 from sferd_jax.evaluation import metrics
 

@@ -6,8 +6,8 @@ import os
 import ml_collections
 import pytest
 
-from sferd_jax import errors
 from sferd_jax import config as config_lib
+from sferd_jax import errors
 import tiny
 
 CONFIGS = sorted(os.path.splitext(os.path.basename(p))[0]

@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from sferd_jax import errors
 from sferd_jax import data
+from sferd_jax import errors
 
 
 def _config(**overrides):

@@ -7,16 +7,13 @@ import jax
 import numpy as np
 import pytest
 
-from sferd_jax import errors
 from sferd_jax import config as config_lib
-from sferd_jax import sampling
-from sferd_jax.models import unet
-from sferd_jax.sferd import guided_teacher
+from sferd_jax import errors
+from sferd_jax import exports
+from sferd_jax import layout
+from sferd_jax import pipeline
 from sferd_jax.training import checkpointing
-from sferd_jax.training import loop
-from sferd_jax.training import pipeline
-from sferd_jax.training import state as state_lib
-from sferd_jax.training import steps as steps_lib
+from sferd_jax.training import phases
 import test_training
 import tiny
 
@@ -35,25 +32,25 @@ def test_one_compilation_serves_every_stage(tiny_run):
 
 def test_stage_handoff_student_becomes_next_teacher(tiny_run):
   workdir, _ = tiny_run
-  stage1 = sampling.load(os.path.join(workdir, 'distill', 'stage_1'))
-  info2 = checkpointing.read_info(os.path.join(workdir, 'distill', 'stage_2', 'model'))
+  stage1 = exports.load(os.path.join(workdir, 'distill', 'stage_1'))
+  info2 = exports.read_info(os.path.join(workdir, 'distill', 'stage_2', 'model'))
   assert info2['teacher'] == stage1.path
-  assert info2['teacher_fingerprint'] == checkpointing.fingerprint(stage1.params)
-  teacher = sampling.load(os.path.join(workdir, 'teacher'))
-  info1 = checkpointing.read_info(stage1.path)
-  assert info1['teacher_fingerprint'] == checkpointing.fingerprint(teacher.params)
+  assert info2['teacher_fingerprint'] == exports.fingerprint(stage1.params)
+  teacher = exports.load(os.path.join(workdir, 'teacher'))
+  info1 = exports.read_info(stage1.path)
+  assert info1['teacher_fingerprint'] == exports.fingerprint(teacher.params)
   # Stage 1's student started from the teacher and moved away from it.
-  assert checkpointing.fingerprint(stage1.params) != checkpointing.fingerprint(teacher.params)
+  assert exports.fingerprint(stage1.params) != exports.fingerprint(teacher.params)
 
 
 def test_every_stage_loads_and_samples_at_its_own_step_count(tiny_run):
   workdir, _ = tiny_run
   for path, steps in (('teacher', 4), ('distill/stage_1', 2), ('distill/stage_2', 1)):
-    model = sampling.load(os.path.join(workdir, path))
+    model = exports.load(os.path.join(workdir, path))
     assert model.config.num_steps == steps
     images = model.sample(jax.random.key(1), num_samples=2)
     assert images.shape == (2, 8, 8, 1)
-  assert sampling.load(workdir).config.name == 'stage_2'  # a run folder loads its last stage
+  assert exports.load(workdir).config.name == 'stage_2'  # a run folder loads its last stage
   assert os.path.exists(os.path.join(workdir, 'samples', 'comparison.png'))
 
 
@@ -63,20 +60,20 @@ def test_distill_kill_and_resume_equals_uninterrupted(tiny_run, tmp_path, monkey
   config = tiny.load_config(**{'distill.teacher': os.path.join(workdir, 'teacher', 'model'),
                                'distill.train_steps': 4, 'distill.checkpoint_every': 2})
   straight = str(tmp_path / 'straight')
-  pipeline.run_distill(config, straight)
+  pipeline.run_phase(config, straight, 'distill')
   resumed = str(tmp_path / 'resumed')
-  real = pipeline.make_batches
-  monkeypatch.setattr(pipeline, 'make_batches',
+  real = phases.make_batches
+  monkeypatch.setattr(phases, 'make_batches',
                       lambda *a, **k: test_training._Interrupting(real(*a, **k), after=4, on_call=2))
   with pytest.raises(KeyboardInterrupt):
-    pipeline.run_distill(config, resumed)
-  assert checkpointing.is_exported(os.path.join(resumed, 'distill', 'stage_1', 'model'))
-  assert not checkpointing.is_exported(os.path.join(resumed, 'distill', 'stage_2', 'model'))
-  monkeypatch.setattr(pipeline, 'make_batches', real)
-  pipeline.run_distill(config, resumed)
+    pipeline.run_phase(config, resumed, 'distill')
+  assert layout.is_exported(os.path.join(resumed, 'distill', 'stage_1', 'model'))
+  assert not layout.is_exported(os.path.join(resumed, 'distill', 'stage_2', 'model'))
+  monkeypatch.setattr(phases, 'make_batches', real)
+  pipeline.run_phase(config, resumed, 'distill')
   for stage in (1, 2):
-    a = sampling.load(os.path.join(straight, 'distill', f'stage_{stage}'))
-    b = sampling.load(os.path.join(resumed, 'distill', f'stage_{stage}'))
+    a = exports.load(os.path.join(straight, 'distill', f'stage_{stage}'))
+    b = exports.load(os.path.join(resumed, 'distill', f'stage_{stage}'))
     jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
   tables = []
   for run in (straight, resumed):
@@ -88,16 +85,11 @@ def test_distill_kill_and_resume_equals_uninterrupted(tiny_run, tmp_path, monkey
 def test_sharded_distill_step_equals_single_device(tiny_run):
   workdir, _ = tiny_run
   config = tiny.load_config()
-  teacher = sampling.load(os.path.join(workdir, 'teacher')).params
-  model = unet.make_unet(config.model)
-  tx, schedule = state_lib.make_optimizer(config.distill.optimizer, config.distill.train_steps)
-  step = steps_lib.make_distill_step(model=model, model_config=config.model,
-                                     diffusion_config=config.diffusion.to_dict(), train_config=config.distill, tx=tx,
-                                     schedule=schedule,
-                                     teacher_fn=guided_teacher.denoise_factory(config.model, None))
-  batch = pipeline.make_batches(config, config.distill).get(0, 2)
-  init = lambda: pipeline.init_fn(config, config.distill, tx)(teacher)
-  (one, m1), (four, m4) = (tiny.run_step_on(devices, step, init, batch, (teacher, np.int32(2)))
+  teacher = exports.load(os.path.join(workdir, 'teacher')).params
+  spec = phases.build(config, 'distill')
+  batch = phases.make_batches(config, spec).get(0, 2)
+  (one, m1), (four, m4) = (tiny.run_step_on(devices, spec.step, lambda: spec.init(teacher), batch,
+                                            (teacher, np.int32(2)))
                            for devices in (jax.devices()[:1], jax.devices()))
   np.testing.assert_allclose(m1['loss'], m4['loss'], rtol=1e-4)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), one.params, four.params)
@@ -115,11 +107,11 @@ def test_bad_distillation_input_fails_before_any_work(tiny_run, tmp_path):
     pipeline.run_pipeline(missing, str(tmp_path / 'empty'))
   other = tiny.load_config(**{'distill.teacher': os.path.join(workdir, 'teacher', 'model'), 'model.ch': 32})
   with pytest.raises(errors.IncompatibleRunError, match="architecture differs.*'model.ch': \\(16, 32\\)"):
-    pipeline.run_distill(other, str(tmp_path / 'other'))
+    pipeline.run_phase(other, str(tmp_path / 'other'), 'distill')
   schedule = tiny.load_config(**{'distill.teacher': os.path.join(workdir, 'teacher', 'model'),
                                  'diffusion.logsnr_min': -10.0})
   with pytest.raises(errors.IncompatibleRunError, match="'diffusion.logsnr_min': \\(-20.0, -10.0\\)"):
-    pipeline.run_distill(schedule, str(tmp_path / 'other'))
+    pipeline.run_phase(schedule, str(tmp_path / 'other'), 'distill')
   assert not os.path.exists(tmp_path / 'other' / 'distill')
 
 
@@ -128,20 +120,20 @@ def test_resume_with_other_guidance_or_optimiser_settings_is_refused(tiny_run, t
   workdir, _ = tiny_run
   guided = {'distill.teacher': os.path.join(workdir, 'teacher', 'model'), 'distill.train_steps': 4,
             'distill.checkpoint_every': 1, 'sferd.attention_guidance.enabled': True}
-  real = pipeline.make_batches
-  monkeypatch.setattr(pipeline, 'make_batches', lambda *a, **k: test_training._Interrupting(real(*a, **k), after=3))
+  real = phases.make_batches
+  monkeypatch.setattr(phases, 'make_batches', lambda *a, **k: test_training._Interrupting(real(*a, **k), after=3))
   with pytest.raises(KeyboardInterrupt):
-    pipeline.run_distill(tiny.load_config(**guided), str(tmp_path))  # stage 1's last checkpoint is step 1
-  monkeypatch.setattr(pipeline, 'make_batches', real)
+    pipeline.run_phase(tiny.load_config(**guided), str(tmp_path), 'distill')  # stage 1's last checkpoint is step 1
+  monkeypatch.setattr(phases, 'make_batches', real)
   for key, value, what in (('sferd.attention_guidance.weight', 0.5, 'attention_guidance'),
                            ('sferd.attention_guidance.enabled', False, 'attention_guidance'),
                            ('distill.optimizer.learning_rate', 1e-3, 'training'),
                            ('distill.batch_size', 16, 'training')):
     with pytest.raises(errors.IncompatibleRunError, match=f"stage 1.*different '{what}'"):
-      pipeline.run_distill(tiny.load_config(**{**guided, key: value}), str(tmp_path))
+      pipeline.run_phase(tiny.load_config(**{**guided, key: value}), str(tmp_path), 'distill')
   meta = checkpointing.PhaseCheckpoints(os.path.join(tmp_path, 'distill', 'stage_1'), keep=1).restore_meta(1)
   assert meta['config']['attention_guidance']['weight'] == 0.3
   assert 'log_every' not in meta['config']['training'] and meta['config']['training']['train_steps'] == 4
   # Guidance off records no settings: its weight cannot matter then.
-  assert pipeline.guidance_meta(tiny.load_config()) is None
-  assert pipeline.guidance_meta(tiny.load_config(**{**guided, 'sferd.attention_guidance.weight': 0.0})) is None
+  assert phases.guidance_meta(tiny.load_config()) is None
+  assert phases.guidance_meta(tiny.load_config(**{**guided, 'sferd.attention_guidance.weight': 0.0})) is None

@@ -8,15 +8,15 @@ import jax
 import numpy as np
 import pytest
 
-from sferd_jax import errors
 from sferd_jax import config as config_lib
 from sferd_jax import data as data_lib
-from sferd_jax import sampling
+from sferd_jax import errors
 from sferd_jax.evaluation import evaluate
 from sferd_jax.evaluation import inception
 from sferd_jax.evaluation import metrics
-from sferd_jax.training import checkpointing
-from sferd_jax.training import loop
+from sferd_jax import exports
+from sferd_jax import layout
+from sferd_jax import sampling
 import tiny
 
 SMALL = {'evaluate.num_samples': 24, 'evaluate.round_size': 10, 'evaluate.kid_subsets': 20,
@@ -39,7 +39,7 @@ def _copy_exports(src, dst):
 
 
 def _read(workdir, name=evaluate.RESULTS_JSON):
-  with open(os.path.join(workdir, evaluate.EVAL_DIR, name)) as f:
+  with open(os.path.join(layout.RunLayout(workdir).evaluate_dir, name)) as f:
     return json.load(f) if name.endswith('.json') else f.read()
 
 
@@ -75,7 +75,7 @@ def runs(tiny_run, tmp_path_factory):
   interrupted = _copy_exports(tiny_run[0], base / 'interrupted')
   fresh = _copy_exports(tiny_run[0], base / 'fresh')
   config = small_config()
-  real_sample = sampling.Model.sample
+  real_sample = exports.Model.sample
   calls = []
 
   def failing_sample(self, *args, **kwargs):
@@ -88,16 +88,16 @@ def runs(tiny_run, tmp_path_factory):
   with pytest.MonkeyPatch.context() as fake:
     fake.setattr(sampling, 'code_sensitivity', _fake_code_sensitivity)
     with pytest.MonkeyPatch.context() as mp:
-      mp.setattr(sampling.Model, 'sample', failing_sample)
+      mp.setattr(exports.Model, 'sample', failing_sample)
       with pytest.raises(InjectedFailure):
         evaluate.run_evaluate(config, interrupted)
-    first_dir = os.path.join(interrupted, evaluate.EVAL_DIR, 'teacher_4steps')
+    first_dir = os.path.join(layout.RunLayout(interrupted).evaluate_dir, 'teacher_4steps')
     after_failure = _mtimes(first_dir)
-    classifier_mtimes = _mtimes(os.path.join(interrupted, evaluate.EVAL_DIR, 'classifier'))
+    classifier_mtimes = _mtimes(layout.RunLayout(interrupted).classifier_dir)
     resumed = evaluate.run_evaluate(config, interrupted)
     # The same classifier (trained once) in the uninterrupted run, so that the feature spaces are the same.
-    shutil.copytree(os.path.join(interrupted, evaluate.EVAL_DIR, 'classifier'),
-                    os.path.join(fresh, evaluate.EVAL_DIR, 'classifier'))
+    shutil.copytree(layout.RunLayout(interrupted).classifier_dir,
+                    layout.RunLayout(fresh).classifier_dir)
     uninterrupted = evaluate.run_evaluate(config, fresh)
   return dict(interrupted=interrupted, fresh=fresh, after_failure=after_failure, first_dir=first_dir,
               classifier_mtimes=classifier_mtimes, resumed=resumed, uninterrupted=uninterrupted,
@@ -114,7 +114,7 @@ def test_interrupted_evaluation_resumes_to_the_same_numbers(runs):
   assert sorted(after_resume) == ['meta.json', 'round_00000.features.npz', 'round_00000.npz',
                                   'round_00001.features.npz', 'round_00001.npz', 'round_00002.features.npz',
                                   'round_00002.npz', 'samples.png']
-  assert _mtimes(os.path.join(runs['interrupted'], evaluate.EVAL_DIR, 'classifier')) == runs['classifier_mtimes']
+  assert _mtimes(layout.RunLayout(runs['interrupted']).classifier_dir) == runs['classifier_mtimes']
   with np.load(os.path.join(runs['first_dir'], 'round_00002.npz')) as data:
     assert data['images'].shape == (4, 8, 8, 1) and data['images'].dtype == np.uint8  # 24 = 10 + 10 + 4
 
@@ -145,14 +145,14 @@ def test_one_row_per_variant_in_json_and_markdown(runs):
   # Guided and unguided samples of one model differ; so do the models.
   images = {}
   for row in rows:
-    with np.load(os.path.join(runs['fresh'], evaluate.EVAL_DIR, row['variant'], 'round_00000.npz')) as data:
+    with np.load(os.path.join(layout.RunLayout(runs['fresh']).evaluate_dir, row['variant'], 'round_00000.npz')) as data:
       images[row['variant']] = data['images']
   assert len({v.tobytes() for v in images.values()}) == len(rows)
 
 
 def test_a_finished_evaluation_draws_nothing_and_keeps_other_rows(runs):
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(sampling.Model, 'sample', lambda *a, **k: pytest.fail('a finished evaluation sampled again'))
+    mp.setattr(exports.Model, 'sample', lambda *a, **k: pytest.fail('a finished evaluation sampled again'))
     again = evaluate.run_evaluate(small_config(**{'evaluate.models': ('distill/stage_1',),
                                                   'evaluate.guidance': (True,)}), runs['interrupted'])
   assert again['rows'] == [runs['resumed']['rows'][3]]
@@ -169,7 +169,7 @@ def test_reference_stats_cache_given_file_and_refusals(runs, tmp_path):
     assert data['features'].shape == (24, 128)
   # The cache given as config.evaluate.reference_stats: the same numbers (it carries the features for KID too).
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(sampling.Model, 'sample', lambda *a, **k: pytest.fail('sampled again'))
+    mp.setattr(exports.Model, 'sample', lambda *a, **k: pytest.fail('sampled again'))
     given = evaluate.run_evaluate(small_config(**{'evaluate.reference_stats': cache}), runs['fresh'])
   assert given['rows'] == runs['uninterrupted']['rows']
   # Statistics of another extractor are refused, as is a missing file.
@@ -222,14 +222,14 @@ def test_a_second_sample_seed_draws_other_samples_in_rows_of_its_own(runs):
   seed 1 a new one with other samples, whose rows sit beside the first's."""
   config = small_config(**{'evaluate.models': ('distill/stage_2',), 'evaluate.guidance': (False,),
                            'evaluate.semantic': (False,), 'evaluate.sample_seeds': (0, 1)})
-  first = os.path.join(runs['fresh'], evaluate.EVAL_DIR, 'distill_stage_2_1steps')
+  first = os.path.join(layout.RunLayout(runs['fresh']).evaluate_dir, 'distill_stage_2_1steps')
   before = _mtimes(first)
   out = evaluate.run_evaluate(config, runs['fresh'])
   assert [(r['variant'], r['sample_seed']) for r in out['rows']] == [('distill_stage_2_1steps', 0),
                                                                      ('distill_stage_2_1steps_seed1', 1)]
   assert _mtimes(first) == before  # nothing drawn again for seed 0
   with np.load(os.path.join(first, 'round_00000.npz')) as a, \
-       np.load(os.path.join(runs['fresh'], evaluate.EVAL_DIR, 'distill_stage_2_1steps_seed1', 'round_00000.npz')) as b:
+       np.load(os.path.join(layout.RunLayout(runs['fresh']).evaluate_dir, 'distill_stage_2_1steps_seed1', 'round_00000.npz')) as b:
     assert not np.array_equal(a['images'], b['images'])
   rows = _read(runs['fresh'])
   assert {r['sample_seed'] for r in rows if r['model'] == 'distill/stage_2' and not r['guidance']
@@ -275,7 +275,7 @@ def test_published_stats_give_fid_and_is_and_no_kid(runs, tmp_path, caplog):
   np.savez(published, mu=reference.mean(0), sigma=np.cov(reference, rowvar=False))
   config = small_config(**{'evaluate.reference_stats': published, 'evaluate.models': ('teacher',)})
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(sampling.Model, 'sample', lambda *a, **k: pytest.fail('sampled again'))
+    mp.setattr(exports.Model, 'sample', lambda *a, **k: pytest.fail('sampled again'))
     mp.setattr(evaluate, 'feature_fn_for', lambda *a: fake)
     with caplog.at_level('WARNING'):
       rows = evaluate.run_evaluate(config, workdir)['rows']
@@ -318,12 +318,12 @@ def test_samples_png_is_skipped_when_the_samples_are_gone(runs, tmp_path):
   """Round files deleted to save space, features kept: the scores stand, samples.png is not drawn from None."""
   workdir = str(tmp_path / 'run')
   shutil.copytree(runs['fresh'], workdir)
-  variant_dir = os.path.join(workdir, evaluate.EVAL_DIR, 'teacher_4steps')
+  variant_dir = os.path.join(layout.RunLayout(workdir).evaluate_dir, 'teacher_4steps')
   for name in os.listdir(variant_dir):
     if name == 'samples.png' or (name.endswith('.npz') and not name.endswith('.features.npz')):
       os.remove(os.path.join(variant_dir, name))
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(sampling.Model, 'sample', lambda *a, **k: pytest.fail('sampled again'))
+    mp.setattr(exports.Model, 'sample', lambda *a, **k: pytest.fail('sampled again'))
     rows = evaluate.run_evaluate(small_config(**{'evaluate.models': ('teacher',), 'evaluate.guidance': (False,)}),
                                  workdir)['rows']
   assert rows == runs['uninterrupted']['rows'][:1]
@@ -337,7 +337,7 @@ def test_unlabelled_data_asks_for_inception_weights(tiny_run, tmp_path):
   config = small_config(**{'data.name': 'npz', 'data.path': data})
   with pytest.raises(errors.ConfigError, match='at least 2 classes.*1 classes.*inception_weights=OUT.npz'):
     evaluate.run_evaluate(config, workdir)
-  assert not os.path.exists(os.path.join(workdir, evaluate.EVAL_DIR, 'classifier', 'classifier.npz'))
+  assert not os.path.exists(os.path.join(layout.RunLayout(workdir).evaluate_dir, 'classifier', 'classifier.npz'))
 
 
 def test_weak_classifier_warning():
@@ -364,12 +364,12 @@ def test_samples_that_copy_training_images_are_at_nn_distance_zero(runs, tmp_pat
   config = small_config(**{'evaluate.models': ('teacher',), 'evaluate.guidance': (False,)})
   source = data_lib.load_source(data_lib.data_config(config))
   training = source.read(evaluate._subset(len(source), 24, config.seed))[0]  # reference_for's images
-  variant_dir = os.path.join(workdir, evaluate.EVAL_DIR, 'teacher_4steps')
+  variant_dir = os.path.join(layout.RunLayout(workdir).evaluate_dir, 'teacher_4steps')
   for r, start in enumerate((0, 10, 20)):
     evaluate.save_npz_atomic(evaluate.round_path(variant_dir, r), images=training[start:start + 10])
     os.remove(evaluate.round_path(variant_dir, r, '.features.npz'))
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(sampling.Model, 'sample', lambda *a, **k: pytest.fail('sampled again'))
+    mp.setattr(exports.Model, 'sample', lambda *a, **k: pytest.fail('sampled again'))
     row, = evaluate.run_evaluate(config, workdir)['rows']
   sampled = runs['uninterrupted']['rows'][0]
   assert row['nn_dist_real'] == sampled['nn_dist_real'] > 0  # the cached baseline
@@ -441,7 +441,7 @@ def test_rows_from_before_the_new_columns_still_render(tmp_path):
 def test_the_real_code_sensitivity_fills_a_semantic_row(tiny_run, monkeypatch):
   monkeypatch.setattr(sampling, 'code_sensitivity', REAL_CODE_SENSITIVITY)
   config = small_config()
-  model = sampling.load(os.path.join(tiny_run[0], 'distill', 'stage_2'))
+  model = exports.load(os.path.join(tiny_run[0], 'distill', 'stage_2'))
   variant = evaluate.model_variants(config, tiny_run[0], model.path, model)[-1]
   assert variant.semantic
   out = evaluate.code_sensitivity(config, variant, model)

@@ -10,10 +10,8 @@ import numpy as np
 import pytest
 
 from sferd_jax import errors
-from sferd_jax import config as config_lib
 from sferd_jax.evaluation import fitting_error
 from sferd_jax.sferd import guided_teacher
-from sferd_jax.training import checkpointing
 import tiny
 
 

@@ -5,17 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sferd_jax import errors
 from sferd_jax import config as config_lib
-from sferd_jax import sampling
 from sferd_jax.diffusion import distillation
 from sferd_jax.diffusion import schedules
+from sferd_jax import errors
 from sferd_jax.models import denoiser
 from sferd_jax.models import unet
+from sferd_jax import sampling
 from sferd_jax.sferd import guided_teacher
-from sferd_jax.training import pipeline
-from sferd_jax.training import state as state_lib
-from sferd_jax.training import steps as steps_lib
+from sferd_jax.training import phases
 import tiny
 
 
@@ -91,15 +89,10 @@ def test_no_gradient_reaches_the_teacher(params):
 
 def test_guided_distill_step_sharded_equals_single_device(params):
   config = _guided_config()
-  model = unet.make_unet(config.model)
-  tx, schedule = state_lib.make_optimizer(config.distill.optimizer, config.distill.train_steps)
-  step = steps_lib.make_distill_step(
-      model=model, model_config=config.model, diffusion_config=config.diffusion.to_dict(),
-      train_config=config.distill, tx=tx, schedule=schedule,
-      teacher_fn=guided_teacher.denoise_factory(config.model, config.sferd.attention_guidance))
-  batch = pipeline.make_batches(config, config.distill).get(0, 1)
-  init = lambda: pipeline.init_fn(config, config.distill, tx)(params)
-  (one, m1), (four, m4) = (tiny.run_step_on(devices, step, init, batch, (params, np.int32(2)))
+  spec = phases.build(config, 'distill')  # the guided teacher: the config's guidance is on
+  batch = phases.make_batches(config, spec).get(0, 1)
+  (one, m1), (four, m4) = (tiny.run_step_on(devices, spec.step, lambda: spec.init(params), batch,
+                                            (params, np.int32(2)))
                            for devices in (jax.devices()[:1], jax.devices()))
   np.testing.assert_allclose(m1['loss'], m4['loss'], rtol=1e-5)
   np.testing.assert_allclose(m1['grad_norm'], m4['grad_norm'], rtol=1e-4)

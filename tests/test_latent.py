@@ -13,9 +13,9 @@ import optax
 import pytest
 
 from sferd_jax import config as config_lib
+from sferd_jax.data import codes as codes_lib
 from sferd_jax.models import latent
 from sferd_jax.models import layers
-from sferd_jax.training import pipeline
 from sferd_jax.training import state as state_lib
 from sferd_jax.training import steps as steps_lib
 
@@ -274,14 +274,14 @@ def test_missing_or_unexpected_labels_raise():
 def test_code_batches_carry_labels():
   codes = np.arange(40, dtype=np.float32).reshape(20, 2)
   labels = np.arange(20) % 3
-  batch = pipeline.CodeBatches(codes, global_batch_size=4, seed=0, labels=labels).get(3, num_steps=2)
+  batch = codes_lib.CodeBatches(codes, global_batch_size=4, seed=0, labels=labels).get(3, num_steps=2)
   assert batch['image'].shape == (2, 4, 2) and batch['label'].shape == (2, 4) and batch['label'].dtype == np.int32
   np.testing.assert_array_equal(batch['label'], labels[(batch['image'][..., 0] / 2).astype(int)])  # row i: 2i
-  unlabelled = pipeline.CodeBatches(codes, global_batch_size=4, seed=0).get(3, num_steps=2)
+  unlabelled = codes_lib.CodeBatches(codes, global_batch_size=4, seed=0).get(3, num_steps=2)
   np.testing.assert_array_equal(unlabelled['image'], batch['image'])
   assert not np.any(unlabelled['label'])
   with pytest.raises(ValueError, match='labels'):
-    pipeline.CodeBatches(codes, global_batch_size=4, seed=0, labels=labels[:5])
+    codes_lib.CodeBatches(codes, global_batch_size=4, seed=0, labels=labels[:5])
 
 
 def test_conditional_training_samples_each_class():
@@ -293,7 +293,7 @@ def test_conditional_training_samples_each_class():
   codes = 0.5 * rng.normal(size=(n, dim)) + 1.0
   codes[:, 0] += np.where(labels == 0, 3.0, -3.0)
   stats = latent.latent_statistics(codes)  # over all codes: class 0's mean is not 0 after normalising
-  batches = pipeline.CodeBatches(np.asarray(latent.normalize(codes, stats)), global_batch_size=128, seed=0,
+  batches = codes_lib.CodeBatches(np.asarray(latent.normalize(codes, stats)), global_batch_size=128, seed=0,
                                  labels=labels).get(0, num_steps)
   model = latent.make_latent_model(dict(num_layers=3, width=64, num_steps=20), num_classes=2)
   train_config = config_lib.training_config(train_steps=num_steps, batch_size=128, learning_rate=3e-3,

@@ -10,7 +10,7 @@ import sys
 import jax
 import pytest
 
-from sferd_jax.training import sharding
+from sferd_jax import sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, 'launch')
@@ -230,7 +230,7 @@ def test_initialize_distributed_inside_a_slurm_allocation_without_srun():
   # A fresh process: jax.distributed.initialize() must come before the backend starts.
   env = {k: v for k, v in os.environ.items() if k not in MULTI_HOST_VARS and not k.startswith('SLURM_')}
   env.update(SLURM_NTASKS='1', SLURM_JOB_ID='1', JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
-  code = ('from sferd_jax.training import sharding; import jax; sharding.initialize_distributed(); '
+  code = ('from sferd_jax import sharding; import jax; sharding.initialize_distributed(); '
           'assert jax.process_count() == 1')
   result = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=120,
                           check=False)

@@ -7,18 +7,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sferd_jax import errors
 from sferd_jax import config as config_lib
 from sferd_jax import data as data_lib
+from sferd_jax.data import codes as codes_lib
+from sferd_jax import errors
+from sferd_jax import exports
 from sferd_jax import images as images_lib
-from sferd_jax import sampling
+from sferd_jax import layout
 from sferd_jax.models import semantic as semantic_lib
-from sferd_jax.models import unet
-from sferd_jax.sferd import guided_teacher
+from sferd_jax import pipeline
+from sferd_jax import sampling
 from sferd_jax.training import checkpointing
-from sferd_jax.training import pipeline
-from sferd_jax.training import state as state_lib
-from sferd_jax.training import steps as steps_lib
+from sferd_jax.training import phases
 import tiny
 
 
@@ -29,12 +29,12 @@ def _stage(workdir):
 def test_semantic_phase_trains_only_the_predictor(tiny_run):
   workdir, _ = tiny_run
   config = tiny.load_config()
-  model = sampling.load(_stage(workdir))
+  model = exports.load(_stage(workdir))
   assert model.has_semantic and model.config.num_steps == 1
   # The student the predictor was trained on is the stage's export, bit for bit.
-  info = checkpointing.read_info(os.path.join(_stage(workdir), 'semantic', 'model'))
+  info = exports.read_info(os.path.join(_stage(workdir), 'semantic', 'model'))
   assert info['student'] == model.path
-  meta_fingerprint = checkpointing.fingerprint(model.params)
+  meta_fingerprint = exports.fingerprint(model.params)
   assert checkpointing.PhaseCheckpoints(os.path.join(_stage(workdir), 'semantic'), keep=1).restore_meta(
       config.semantic.train_steps)['config']['student'] == meta_fingerprint
   # Only E_phi and G_tau are trained state; G_tau's zero-initialised output has learnt. (At g = 0 the encoder
@@ -47,7 +47,7 @@ def test_semantic_phase_trains_only_the_predictor(tiny_run):
 
 def test_semantic_sampling_is_deterministic_and_optional(tiny_run):
   workdir, _ = tiny_run
-  model = sampling.load(workdir)  # the run folder -> its last stage, with its predictor
+  model = exports.load(workdir)  # the run folder -> its last stage, with its predictor
   shifted = model.sample(jax.random.key(3), num_samples=4, semantic=True)
   again = model.sample(jax.random.key(3), num_samples=4, semantic=True)
   plain = model.sample(jax.random.key(3), num_samples=4)
@@ -60,12 +60,12 @@ def test_semantic_sampling_is_deterministic_and_optional(tiny_run):
 
 def test_zero_predictor_output_gives_the_plain_student(tiny_run):
   workdir, _ = tiny_run
-  model = sampling.load(workdir)
+  model = exports.load(workdir)
   predictor = dict(model.semantic.params['predictor'])
   predictor['conv_out'] = jax.tree.map(jnp.zeros_like, predictor['conv_out'])
-  zeroed = sampling.SemanticPredictor(params=dict(model.semantic.params, predictor=predictor),
-                                      latent_params=model.semantic.latent_params, stats=model.semantic.stats,
-                                      config=model.semantic.config)
+  zeroed = exports.SemanticPredictor(params=dict(model.semantic.params, predictor=predictor),
+                                     latent_params=model.semantic.latent_params, stats=model.semantic.stats,
+                                     config=model.semantic.config)
   kwargs = dict(model_config=model.config.model, num_samples=4, num_steps=1)
   np.testing.assert_array_equal(sampling.sample(model.params, jax.random.key(4), semantic=zeroed, **kwargs),
                                 sampling.sample(model.params, jax.random.key(4), **kwargs))
@@ -75,14 +75,14 @@ def test_a_sample_does_not_depend_on_the_call_that_drew_it(tiny_run):
   """Sample i's noise and, with the predictor, its code z_sem come from (rng, i) alone: the number of samples and
   the batch size do not change it."""
   workdir, _ = tiny_run
-  model = sampling.load(workdir)
+  model = exports.load(workdir)
   # A predictor with a strong, code-dependent output, so a different code shows in the uint8 images.
   predictor = dict(model.semantic.params['predictor'])
   predictor['conv_out'] = jax.tree.map(lambda p: p + 0.2 * jax.random.normal(jax.random.key(7), p.shape),
                                        predictor['conv_out'])
-  strong = sampling.SemanticPredictor(params=dict(model.semantic.params, predictor=predictor),
-                                      latent_params=model.semantic.latent_params, stats=model.semantic.stats,
-                                      config=model.semantic.config)
+  strong = exports.SemanticPredictor(params=dict(model.semantic.params, predictor=predictor),
+                                     latent_params=model.semantic.latent_params, stats=model.semantic.stats,
+                                     config=model.semantic.config)
   kwargs = dict(model_config=model.config.model, num_steps=1)
   draws = {}
   for name, semantic in (('plain', None), ('semantic', strong)):
@@ -103,22 +103,22 @@ def test_a_stage_teacher_is_found_by_stage_in_a_moved_workdir(tiny_run, tmp_path
   moved = str(tmp_path / 'moved')
   shutil.copytree(os.path.join(workdir, 'distill'), os.path.join(moved, 'distill'))
   config = tiny.load_config()
-  student = sampling.load(_stage(moved))
+  student = exports.load(_stage(moved))
   assert student.config.teacher.startswith(workdir)  # the recorded path is the old one
-  params = pipeline.load_stage_teacher(config, moved, 2, student)
-  assert checkpointing.fingerprint(params) == student.config.teacher_fingerprint
-  stage1 = sampling.load(os.path.join(moved, 'distill', 'stage_1'))
+  params = phases.load_stage_teacher(config, moved, 2, student)
+  assert exports.fingerprint(params) == student.config.teacher_fingerprint
+  stage1 = exports.load(os.path.join(moved, 'distill', 'stage_1'))
   with pytest.raises(errors.CheckpointError, match='teacher of distillation stage 1 is missing'):
-    pipeline.load_stage_teacher(config, moved, 1, stage1)  # the teacher phase's export was not copied
+    phases.load_stage_teacher(config, moved, 1, stage1)  # the teacher phase's export was not copied
   wrong = tiny.load_config(**{'distill.teacher': _stage(moved) + '/model'})
   with pytest.raises(errors.CheckpointError, match='is not the model stage 1 was distilled from'):
-    pipeline.load_stage_teacher(wrong, moved, 1, stage1)
+    phases.load_stage_teacher(wrong, moved, 1, stage1)
 
 
 def test_latent_model_and_statistics_restore(tiny_run):
   workdir, _ = tiny_run
-  model = sampling.load(workdir)
-  info = checkpointing.read_info(os.path.join(_stage(workdir), 'latent', 'model'))
+  model = exports.load(workdir)
+  info = exports.read_info(os.path.join(_stage(workdir), 'latent', 'model'))
   assert info['num_codes'] == 1797 and info['latent_dim'] == 8
   assert model.semantic.stats['mean'].shape == (8,) and np.all(np.asarray(model.semantic.stats['std']) > 0)
   assert model.semantic.config.latent.num_steps == tiny.load_config().sferd.latent.num_steps
@@ -127,18 +127,13 @@ def test_latent_model_and_statistics_restore(tiny_run):
 def test_sharded_semantic_step_equals_single_device(tiny_run):
   workdir, _ = tiny_run
   config = tiny.load_config()
-  student = sampling.load(_stage(workdir))
-  teacher = sampling.load(student.config.teacher)
-  encoder, predictor = semantic_lib.make_semantic_models(config.model, config.sferd.semantic)
-  tx, schedule = state_lib.make_optimizer(config.semantic.optimizer, config.semantic.train_steps)
-  step = steps_lib.make_semantic_step(
-      student=unet.make_unet(config.model), encoder=encoder, predictor=predictor, model_config=config.model,
-      semantic_config=config.sferd.semantic, diffusion_config=config.diffusion.to_dict(), train_config=config.semantic,
-      tx=tx, schedule=schedule, teacher_fn=guided_teacher.denoise_factory(config.model, None))
+  student = exports.load(_stage(workdir))
+  teacher = exports.load(student.config.teacher)
+  spec = phases.build(config, 'semantic')
   params = student.semantic.params  # trained, so g != 0 and both parts get gradients
-  batch = pipeline.make_batches(config, config.semantic).get(0, 1)
-  init = lambda: state_lib.TrainState.create(params=params, tx=tx, ema_decay=0.0)
-  (one, m1), (four, m4) = (tiny.run_step_on(devices, step, init, batch, (student.params, teacher.params, np.int32(1)))
+  batch = phases.make_batches(config, spec).get(0, 1)
+  (one, m1), (four, m4) = (tiny.run_step_on(devices, spec.step, lambda: spec.create(params), batch,
+                                            (student.params, teacher.params, np.int32(1)))
                            for devices in (jax.devices()[:1], jax.devices()))
   # With g != 0 the gradient reaches both ends of E_phi (its first conv and its output layer) and G_tau.
   for part, layer in (('encoder', 'conv0'), ('encoder', 'out'), ('predictor', 'conv_out')):
@@ -165,8 +160,9 @@ def test_encode_dataset_in_batches_equals_encoding_all_images_at_once():
   encoder, predictor = semantic_lib.make_semantic_models(config.model, config.sferd.semantic)
   params = jax.jit(lambda key: semantic_lib.init_semantic_params(encoder, predictor, key,
                                                                  model_config=config.model))(jax.random.key(0))
-  codes, labels = pipeline.encode_dataset(config, encoder, params['encoder'], batch_size=500)  # 3 x 500 + 297
   source = data_lib.load_source(data_lib.data_config(config))
+  encode = jax.jit(lambda x: encoder.apply({'params': params['encoder']}, x))
+  codes, labels = codes_lib.encode_dataset(source, encode, batch_size=500)  # 3 x 500 + 297
   images, expected_labels = source.read(np.arange(len(source)))
   np.testing.assert_array_equal(labels, expected_labels)
   expected = encoder.apply({'params': params['encoder']}, images_lib.from_uint8(images))
@@ -182,19 +178,19 @@ def test_every_stage_gets_a_predictor_by_default_and_samples_with_it(tiny_run, t
   shutil.copytree(tiny_run[0], workdir, ignore=shutil.ignore_patterns('evaluate'))
   config = tiny.load_config(**{'sferd.semantic.stages': None, 'phases': ('semantic', 'latent')})
   assert config_lib.semantic_stages(config) == [1, 2]
-  stage2 = checkpointing.fingerprint(sampling.load(_stage(workdir)).semantic.params)
+  stage2 = exports.fingerprint(exports.load(_stage(workdir)).semantic.params)
   pipeline.run_pipeline(config, workdir)
   for stage, steps in ((1, 2), (2, 1)):
-    model = sampling.load(os.path.join(workdir, 'distill', f'stage_{stage}'))
+    model = exports.load(os.path.join(workdir, 'distill', f'stage_{stage}'))
     assert model.has_semantic and model.config.num_steps == steps
-    info = checkpointing.read_info(os.path.join(workdir, 'distill', f'stage_{stage}', 'semantic', 'model'))
+    info = exports.read_info(os.path.join(workdir, 'distill', f'stage_{stage}', 'semantic', 'model'))
     assert info['semantic']['target'] == 'teacher_on_data' and 'stages' not in info['semantic']
     assert model.sample(jax.random.key(0), num_samples=4, semantic=True).shape == (4, 8, 8, 1)
     sensitivity = sampling.code_sensitivity(model, jax.random.key(1), num_samples=8)
     assert set(sensitivity) == {'code_sensitivity', 'shift_rms'}
     assert all(np.isfinite(v) and v >= 0 for v in sensitivity.values())
   # Stage 2's predictor was finished: skipped, not retrained.
-  assert checkpointing.fingerprint(sampling.load(_stage(workdir)).semantic.params) == stage2
+  assert exports.fingerprint(exports.load(_stage(workdir)).semantic.params) == stage2
   with open(os.path.join(workdir, 'distill', 'stage_1', 'semantic', 'metrics.jsonl')) as f:
     assert all('code_sensitivity' in json.loads(line) for line in f)
 
@@ -230,18 +226,18 @@ def test_exports_from_before_the_target_and_the_switch_off_still_load_and_sample
   stage = str(tmp_path / 'stage_2')
   shutil.copytree(_stage(tiny_run[0]), stage, ignore=shutil.ignore_patterns('checkpoints'))
   for part, keys in (('semantic', ('target', 'stop_fraction', 'gradient_param')), ('latent', ('num_classes',))):
-    path = os.path.join(stage, part, 'model', checkpointing.MODEL_JSON)
+    path = os.path.join(stage, part, 'model', layout.MODEL_JSON)
     with open(path) as f:
       info = json.load(f)
     for key in keys:
       (info['semantic'] if part == 'semantic' else info).pop(key, None)
     with open(path, 'w') as f:
       json.dump(info, f)
-  old = sampling.load(stage)
+  old = exports.load(stage)
   assert semantic_predictor.setting(old.semantic.config.semantic, 'target') == 'pd'
   assert semantic_predictor.setting(old.semantic.config.semantic, 'stop_fraction') == 0.0
   assert old.semantic.config.latent_num_classes == 0
-  new = sampling.load(_stage(tiny_run[0]))
+  new = exports.load(_stage(tiny_run[0]))
   np.testing.assert_array_equal(old.sample(jax.random.key(2), num_samples=4, semantic=True),
                                 new.sample(jax.random.key(2), num_samples=4, semantic=True))  # 1 step: no switch-off
   # stop_fraction is a sampling setting: overridden per call, validated.
@@ -252,13 +248,13 @@ def test_exports_from_before_the_target_and_the_switch_off_still_load_and_sample
 def test_stop_fraction_is_a_sampling_setting(tiny_run):
   """with_stop_fraction(0.5) at 2 steps leaves the last step unshifted: other images than shifting both steps,
   the same at 1 step (floor(0.5) = 0 steps off)."""
-  model = sampling.load(tiny_run[0])
+  model = exports.load(tiny_run[0])
   predictor = dict(model.semantic.params['predictor'])
   predictor['conv_out'] = jax.tree.map(lambda p: p + 0.2 * jax.random.normal(jax.random.key(7), p.shape),
                                        predictor['conv_out'])
-  strong = sampling.SemanticPredictor(params=dict(model.semantic.params, predictor=predictor),
-                                      latent_params=model.semantic.latent_params, stats=model.semantic.stats,
-                                      config=model.semantic.config).with_stop_fraction(0.0)
+  strong = exports.SemanticPredictor(params=dict(model.semantic.params, predictor=predictor),
+                                     latent_params=model.semantic.latent_params, stats=model.semantic.stats,
+                                     config=model.semantic.config).with_stop_fraction(0.0)
   draw = lambda semantic, steps: sampling.sample(model.params, jax.random.key(6), model_config=model.config.model,
                                                  num_samples=8, num_steps=steps, semantic=semantic)
   half = strong.with_stop_fraction(0.5)

@@ -6,14 +6,16 @@ import os
 import numpy as np
 import pytest
 
-from sferd_jax import errors
 from sferd_jax import config as config_lib
-from sferd_jax import sampling
-from sferd_jax import study
+from sferd_jax import errors
 from sferd_jax.evaluation import evaluate
 from sferd_jax.evaluation import inception
+from sferd_jax import exports
+from sferd_jax import layout
+from sferd_jax import pipeline
+from sferd_jax import study
 from sferd_jax.training import checkpointing
-from sferd_jax.training import pipeline
+from sferd_jax.training import loop
 import tiny
 
 
@@ -57,7 +59,7 @@ def finished(tmp_path_factory):
 
 
 def _info(path):
-  return checkpointing.read_info(path)
+  return exports.read_info(path)
 
 
 def test_the_arms_are_built_as_specified(finished):
@@ -77,14 +79,14 @@ def test_the_arms_are_built_as_specified(finished):
   assert meta('pd_more')['training']['train_steps'] == config.distill.train_steps + study.extra_distill_updates(config)
   assert not os.path.exists(os.path.join(stage('pd_more', 2), 'semantic'))
   # pd_target: pd's students, bit for bit, with a predictor trained on PD's target.
-  same = lambda k: checkpointing.fingerprint(sampling.load(stage('pd_target', k)).params) == \
-      checkpointing.fingerprint(sampling.load(stage('pd', k)).params)
+  same = lambda k: exports.fingerprint(exports.load(stage('pd_target', k)).params) == \
+      exports.fingerprint(exports.load(stage('pd', k)).params)
   assert same(1) and same(2)
   targets = {run: _info(os.path.join(stage(run, 2), 'semantic', 'model'))['semantic']['target']
              for run in ('pd', 'pd_target', 'guided')}
   assert targets == {'pd': 'teacher_on_data', 'pd_target': 'pd', 'guided': 'teacher_on_data'}
   # One feature classifier for every run.
-  fingerprints = {open(os.path.join(seed, run, evaluate.EVAL_DIR, 'classifier', 'classifier.npz'), 'rb').read()
+  fingerprints = {open(os.path.join(layout.RunLayout(os.path.join(seed, run)).classifier_dir, 'classifier.npz'), 'rb').read()
                   for run in ('pd', 'pd_target', 'guided', 'pd_more')}
   assert len(fingerprints) == 1
 
@@ -129,13 +131,13 @@ def test_a_finished_study_runs_nothing_again_here_or_on_another_machine(finished
     raise AssertionError('a finished unit ran again')
 
   monkeypatch.setattr(pipeline, 'run_pipeline', refuse)
-  monkeypatch.setattr(pipeline.loop, 'run_phase', refuse)  # the teacher is not trained again either
+  monkeypatch.setattr(loop, 'run_phase', refuse)  # the teacher is not trained again either
   again = study.run_study(config, workdir)
   assert json.dumps(again, sort_keys=True, default=str) == json.dumps(summary, sort_keys=True, default=str)
   # Another machine: an empty workdir, the committed units in results_dir.
   elsewhere = study.run_study(config, str(tmp_path / 'elsewhere'))
   assert json.dumps(elsewhere, sort_keys=True, default=str) == json.dumps(summary, sort_keys=True, default=str)
-  assert checkpointing.is_exported(os.path.join(tmp_path, 'elsewhere', 'teacher', 'model'))
+  assert layout.is_exported(os.path.join(tmp_path, 'elsewhere', 'teacher', 'model'))
 
 
 def test_the_bfloat16_arm_and_its_config():
@@ -163,16 +165,16 @@ def test_the_analysis_distils_the_first_seeds_students_again_where_they_are_miss
   from sferd_jax.evaluation import fitting_error  # pylint: disable=g-import-not-at-top
   config = tiny_study_config(None)
   distilled, analysed = [], []
-  monkeypatch.setattr(pipeline, 'run_distill', lambda cfg, folder: distilled.append(
-      (os.path.basename(folder), cfg.sferd.attention_guidance.enabled)))
+  monkeypatch.setattr(pipeline, 'run_phase', lambda cfg, folder, name: distilled.append(
+      (name, os.path.basename(folder), cfg.sferd.attention_guidance.enabled)))
 
   def fake_analysis(cfg, folder, *, mask_model_path):
     analysed.append((cfg.analyze.model, mask_model_path))
-    path = os.path.join(folder, fitting_error.ANALYZE_DIR, 'summary.json')
+    path = os.path.join(layout.RunLayout(folder).analyze_dir, 'summary.json')
     study._write_json(path, {'levels': []})  # pylint: disable=protected-access
 
   monkeypatch.setattr(fitting_error, 'run_analysis', fake_analysis)
   summaries = study.analysis_unit(config, str(tmp_path), 0, None)
-  assert distilled == [('pd', False), ('guided', True)]
+  assert distilled == [('distill', 'pd', False), ('distill', 'guided', True)]
   assert sorted(summaries) == ['pd_1step', 'sferd_1step', 'teacher']
   assert {mask for _, mask in analysed} == {study.teacher_path(str(tmp_path))}

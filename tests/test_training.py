@@ -8,31 +8,25 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sferd_jax import errors
 from sferd_jax import config as config_lib
-from sferd_jax import sampling
-from sferd_jax.models import unet
+from sferd_jax import errors
+from sferd_jax import exports
+from sferd_jax import layout
+from sferd_jax import pipeline
 from sferd_jax.training import checkpointing
 from sferd_jax.training import loop
-from sferd_jax.training import pipeline
+from sferd_jax.training import phases
 from sferd_jax.training import state as state_lib
-from sferd_jax.training import steps as steps_lib
 import tiny
 
 
 def _teacher_setup(config):
-  tx, schedule = state_lib.make_optimizer(config.teacher.optimizer, config.teacher.train_steps)
-  model = unet.make_unet(config.model)
-  step = steps_lib.make_teacher_step(model=model, model_config=config.model,
-                                     diffusion_config=config.diffusion.to_dict(), train_config=config.teacher, tx=tx,
-                                     schedule=schedule)
-  init = pipeline.init_fn(config, config.teacher, tx)
-  return step, init
+  spec = phases.build(config, 'teacher')
+  return spec.step, spec.init
 
 
 def _batch(config, steps=1):
-  batches = pipeline.make_batches(config, config.teacher)
-  return batches.get(0, steps)
+  return phases.make_batches(config, phases.build(config, 'teacher')).get(0, steps)
 
 
 def test_sharded_teacher_step_equals_single_device():
@@ -112,27 +106,27 @@ def _metrics(workdir):
 def test_kill_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
   config = tiny.load_config(**{'teacher.log_every': 1})
   straight = str(tmp_path / 'straight')
-  pipeline.run_teacher(config, straight)
+  pipeline.run_phase(config, straight, 'teacher')
 
   resumed = str(tmp_path / 'resumed')
-  real = pipeline.make_batches
-  monkeypatch.setattr(pipeline, 'make_batches', lambda *a, **k: _Interrupting(real(*a, **k), after=4))
+  real = phases.make_batches
+  monkeypatch.setattr(phases, 'make_batches', lambda *a, **k: _Interrupting(real(*a, **k), after=4))
   with pytest.raises(KeyboardInterrupt):
-    pipeline.run_teacher(config, resumed)  # killed after step 3; the last checkpoint is step 2
+    pipeline.run_phase(config, resumed, 'teacher')  # killed after step 3; the last checkpoint is step 2
   assert checkpointing.PhaseCheckpoints(os.path.join(resumed, 'teacher'), keep=2).latest_step() == 2
-  assert not checkpointing.is_exported(os.path.join(resumed, 'teacher', 'model'))
-  monkeypatch.setattr(pipeline, 'make_batches', real)
-  pipeline.run_teacher(config, resumed)
+  assert not layout.is_exported(os.path.join(resumed, 'teacher', 'model'))
+  monkeypatch.setattr(phases, 'make_batches', real)
+  pipeline.run_phase(config, resumed, 'teacher')
 
-  a, b = sampling.load(straight), sampling.load(resumed)
+  a, b = exports.load(straight), exports.load(resumed)
   jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
   assert _metrics(straight) == _metrics(resumed)
   # A finished phase is skipped, and its export is never rewritten.
   mtime = os.path.getmtime(os.path.join(resumed, 'teacher', 'model', 'model.json'))
-  pipeline.run_teacher(config, resumed)
+  pipeline.run_phase(config, resumed, 'teacher')
   assert os.path.getmtime(os.path.join(resumed, 'teacher', 'model', 'model.json')) == mtime
   with pytest.raises(errors.CheckpointError, match='never overwritten'):
-    checkpointing.export_model(os.path.join(resumed, 'teacher', 'model'), trees={'params': a.params}, info={})
+    exports.export_model(os.path.join(resumed, 'teacher', 'model'), trees={'params': a.params}, info={})
   # The export loads with its config, and samples.
   assert b.config.model.to_dict() == config_lib.to_json(config.model) and b.config.phase == 'teacher'
   images = b.sample(jax.random.key(0), num_samples=3, num_steps=2)
@@ -142,19 +136,19 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
 def test_resume_with_another_architecture_is_refused(tmp_path, monkeypatch):
   config = tiny.load_config()
   workdir = str(tmp_path / 'run')
-  real = pipeline.make_batches
-  monkeypatch.setattr(pipeline, 'make_batches', lambda *a, **k: _Interrupting(real(*a, **k), after=4))
+  real = phases.make_batches
+  monkeypatch.setattr(phases, 'make_batches', lambda *a, **k: _Interrupting(real(*a, **k), after=4))
   with pytest.raises(KeyboardInterrupt):
-    pipeline.run_teacher(config, workdir)
-  monkeypatch.setattr(pipeline, 'make_batches', real)
+    pipeline.run_phase(config, workdir, 'teacher')
+  monkeypatch.setattr(phases, 'make_batches', real)
   changed = tiny.load_config(**{'model.ch': 32})
   with pytest.raises(errors.IncompatibleRunError, match="different 'model'"):
-    pipeline.run_teacher(changed, workdir)
+    pipeline.run_phase(changed, workdir, 'teacher')
 
 
 def test_nan_loss_stops_with_a_clear_error_and_saves_nothing(tmp_path, monkeypatch):
   config = tiny.load_config()
-  real = pipeline.make_batches
+  real = phases.make_batches
 
   class NaNBatches:
     def __init__(self, batches):
@@ -173,33 +167,33 @@ def test_nan_loss_stops_with_a_clear_error_and_saves_nothing(tmp_path, monkeypat
 
       return It()
 
-  monkeypatch.setattr(pipeline, 'make_batches', lambda *a, **k: NaNBatches(real(*a, **k)))
+  monkeypatch.setattr(phases, 'make_batches', lambda *a, **k: NaNBatches(real(*a, **k)))
   with pytest.raises(errors.TrainingDivergedError, match='Lower the learning rate'):
-    pipeline.run_teacher(config, str(tmp_path))
+    pipeline.run_phase(config, str(tmp_path), 'teacher')
   assert checkpointing.PhaseCheckpoints(str(tmp_path / 'teacher'), keep=2).latest_step() is None
 
 
 def test_corrupt_checkpoint_gives_a_clear_error(tmp_path, monkeypatch):
   config = tiny.load_config()
-  real = pipeline.make_batches
-  monkeypatch.setattr(pipeline, 'make_batches', lambda *a, **k: _Interrupting(real(*a, **k), after=4))
+  real = phases.make_batches
+  monkeypatch.setattr(phases, 'make_batches', lambda *a, **k: _Interrupting(real(*a, **k), after=4))
   with pytest.raises(KeyboardInterrupt):
-    pipeline.run_teacher(config, str(tmp_path))
-  monkeypatch.setattr(pipeline, 'make_batches', real)
+    pipeline.run_phase(config, str(tmp_path), 'teacher')
+  monkeypatch.setattr(phases, 'make_batches', real)
   state_dir = tmp_path / 'teacher' / 'checkpoints' / '2' / 'state'
   for root, _, files in os.walk(state_dir):
     for name in files:
       with open(os.path.join(root, name), 'wb') as f:
         f.write(b'garbage')
   with pytest.raises(errors.CheckpointError, match='Move that folder aside'):
-    pipeline.run_teacher(config, str(tmp_path))
+    pipeline.run_phase(config, str(tmp_path), 'teacher')
 
 
 def test_load_errors_name_the_problem(tmp_path):
   with pytest.raises(errors.CheckpointError, match='no exported model found'):
-    sampling.load(str(tmp_path))
+    exports.load(str(tmp_path))
   with pytest.raises(errors.CheckpointError, match='does not exist'):
-    checkpointing.read_info(str(tmp_path / 'nothing'))
+    exports.read_info(str(tmp_path / 'nothing'))
 
 
 def test_unwritable_workdir(tmp_path):
@@ -214,8 +208,8 @@ def test_export_from_four_devices_loads_on_one(tiny_run):
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   workdir, _ = tiny_run
-  code = ('import jax; from sferd_jax import sampling; assert jax.device_count() == 1; '
-          f'm = sampling.load({workdir!r}); print(m.sample(jax.random.key(0), num_samples=2).shape)')
+  code = ('import jax, sferd_jax; assert jax.device_count() == 1; '
+          f'm = sferd_jax.load({workdir!r}); print(m.sample(jax.random.key(0), num_samples=2).shape)')
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', JAX_PLATFORMS='cpu',
              PYTHONPATH=os.pathsep.join([tiny.ROOT, os.environ.get('PYTHONPATH', '')]))
   out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=300)
@@ -241,46 +235,46 @@ def test_killed_between_last_checkpoint_and_export(tmp_path):
   """A phase killed after its final checkpoint (summary.json and the export not yet written) finishes on rerun."""
   config = tiny.load_config()
   workdir = str(tmp_path)
-  pipeline.run_teacher(config, workdir)
-  exported = sampling.load(workdir).params
+  pipeline.run_phase(config, workdir, 'teacher')
+  exported = exports.load(workdir).params
   import shutil  # pylint: disable=g-import-not-at-top
   summary_path = os.path.join(workdir, 'teacher', 'summary.json')
   with open(summary_path) as f:
     summary = json.load(f)
   shutil.rmtree(os.path.join(workdir, 'teacher', 'model'))
   os.remove(summary_path)
-  pipeline.run_teacher(config, workdir)
-  jax.tree.map(np.testing.assert_array_equal, sampling.load(workdir).params, exported)
+  pipeline.run_phase(config, workdir, 'teacher')
+  jax.tree.map(np.testing.assert_array_equal, exports.load(workdir).params, exported)
   with open(summary_path) as f:  # rewritten from the last checkpoint: the same summary, not a new one
     assert json.load(f) == summary
-  assert checkpointing.read_info(os.path.join(workdir, 'teacher', 'model'))['summary'] == summary
+  assert exports.read_info(os.path.join(workdir, 'teacher', 'model'))['summary'] == summary
 
 
 def test_lowering_train_steps_below_an_unfinished_run_is_refused(tmp_path, monkeypatch):
   config = tiny.load_config()
-  real = pipeline.make_batches
-  monkeypatch.setattr(pipeline, 'make_batches', lambda *a, **k: _Interrupting(real(*a, **k), after=4))
+  real = phases.make_batches
+  monkeypatch.setattr(phases, 'make_batches', lambda *a, **k: _Interrupting(real(*a, **k), after=4))
   with pytest.raises(KeyboardInterrupt):
-    pipeline.run_teacher(config, str(tmp_path))  # killed after step 3; the last checkpoint is step 2
-  monkeypatch.setattr(pipeline, 'make_batches', real)
+    pipeline.run_phase(config, str(tmp_path), 'teacher')  # killed after step 3; the last checkpoint is step 2
+  monkeypatch.setattr(phases, 'make_batches', real)
   with pytest.raises(errors.IncompatibleRunError, match='past train_steps=1'):
-    pipeline.run_teacher(tiny.load_config(**{'teacher.train_steps': 1}), str(tmp_path))
+    pipeline.run_phase(tiny.load_config(**{'teacher.train_steps': 1}), str(tmp_path), 'teacher')
 
 
 def test_resume_with_steps_per_call_not_dividing_the_checkpoint_is_refused(tmp_path, monkeypatch):
   """Striding from step 1 by 2 would pass train_steps=4 by; the resume is refused before any work instead."""
   config = tiny.load_config(**{'teacher.checkpoint_every': 1})
-  real = pipeline.make_batches
-  monkeypatch.setattr(pipeline, 'make_batches', lambda *a, **k: _Interrupting(real(*a, **k), after=3))
+  real = phases.make_batches
+  monkeypatch.setattr(phases, 'make_batches', lambda *a, **k: _Interrupting(real(*a, **k), after=3))
   with pytest.raises(KeyboardInterrupt):
-    pipeline.run_teacher(config, str(tmp_path))  # killed in step 2; the last checkpoint is step 1
-  monkeypatch.setattr(pipeline, 'make_batches', real)
+    pipeline.run_phase(config, str(tmp_path), 'teacher')  # killed in step 2; the last checkpoint is step 1
+  monkeypatch.setattr(phases, 'make_batches', real)
   with open(tmp_path / 'teacher' / 'metrics.jsonl') as f:
     logged = f.read()
   changed = tiny.load_config(**{'teacher.checkpoint_every': 1, 'teacher.steps_per_call': 2})
   with pytest.raises(errors.ConfigError, match=r'at step 1; steps_per_call=2 does not divide it.*'
                                                    r'steps_per_call=1'):
-    pipeline.run_teacher(changed, str(tmp_path))
+    pipeline.run_phase(changed, str(tmp_path), 'teacher')
   assert checkpointing.PhaseCheckpoints(str(tmp_path / 'teacher'), keep=2).latest_step() == 1
   with open(tmp_path / 'teacher' / 'metrics.jsonl') as f:
     assert f.read() == logged
@@ -292,9 +286,9 @@ def test_bad_batch_size_or_steps_per_call_is_a_config_error_before_any_work(tmp_
     pipeline.run_pipeline(tiny.load_config(**{'latent.batch_size': 6}), str(tmp_path))
   assert not os.path.exists(tmp_path / 'teacher')  # refused before the phases before it ran
   with pytest.raises(errors.ConfigError, match=r'config\.teacher\.batch_size=6'):
-    pipeline.run_teacher(tiny.load_config(**{'teacher.batch_size': 6}), str(tmp_path))
+    pipeline.run_phase(tiny.load_config(**{'teacher.batch_size': 6}), str(tmp_path), 'teacher')
   with pytest.raises(errors.ConfigError, match='steps_per_call=3 does not divide train_steps=4'):
-    pipeline.run_teacher(tiny.load_config(**{'teacher.steps_per_call': 3}), str(tmp_path))
+    pipeline.run_phase(tiny.load_config(**{'teacher.steps_per_call': 3}), str(tmp_path), 'teacher')
   assert not os.path.exists(tmp_path / 'teacher')
 
 
@@ -314,11 +308,11 @@ def test_metrics_log_skips_a_half_written_line_on_resume(tmp_path):
 
 def test_load_restores_onto_the_sharding_it_is_given(tiny_run):
   """Training loads a teacher onto its mesh; the default is this process's devices. sample() takes either."""
-  from sferd_jax.training import sharding  # pylint: disable=g-import-not-at-top
+  from sferd_jax import sharding  # pylint: disable=g-import-not-at-top
   workdir, _ = tiny_run
   mesh = sharding.make_mesh(jax.devices()[:2])
-  on_mesh = sampling.load(os.path.join(workdir, 'teacher'), sharding=sharding.replicated(mesh))
-  default = sampling.load(os.path.join(workdir, 'teacher'))
+  on_mesh = exports.load(os.path.join(workdir, 'teacher'), sharding=sharding.replicated(mesh))
+  default = exports.load(os.path.join(workdir, 'teacher'))
   for leaf in jax.tree.leaves(on_mesh.params):
     assert leaf.sharding.is_equivalent_to(sharding.replicated(mesh), leaf.ndim)
   for leaf in jax.tree.leaves(default.params):

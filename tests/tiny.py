@@ -28,7 +28,8 @@ def run_step_on(devices, step, init, batch, extra=()):
   init() -> TrainState; batch: host arrays (steps_per_call, batch, ...); extra: the step's replicated arguments.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from sferd_jax.training import sharding, steps  # pylint: disable=g-import-not-at-top
+  from sferd_jax import sharding
+  from sferd_jax.training import steps  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh(devices)
   state = jax.jit(init, out_shardings=sharding.replicated(mesh))()
   fn = sharding.jit_step(steps.scan_steps(step), mesh, num_extra_args=len(extra))

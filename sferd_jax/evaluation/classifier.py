@@ -18,7 +18,6 @@ import optax
 from flax import traverse_util
 
 from sferd_jax import errors
-from sferd_jax import config as config_lib
 from sferd_jax.evaluation import features
 from sferd_jax.evaluation import metrics
 

@@ -49,19 +49,19 @@ import jax
 import numpy as np
 from absl import logging
 
-from sferd_jax import errors
 from sferd_jax import config as config_lib
 from sferd_jax import data as data_lib
-from sferd_jax import files
-from sferd_jax import images as images_lib
-from sferd_jax import sampling
+from sferd_jax import errors
 from sferd_jax.evaluation import classifier as classifier_lib
 from sferd_jax.evaluation import inception
 from sferd_jax.evaluation import metrics
-from sferd_jax.training import checkpointing
-from sferd_jax.training import loop
+from sferd_jax import exports
+from sferd_jax import files
+from sferd_jax import images as images_lib
+from sferd_jax import layout
+from sferd_jax import progress
+from sferd_jax import sampling
 
-EVAL_DIR = 'evaluate'
 RESULTS_JSON = 'results.json'
 RESULTS_MD = 'results.md'
 ROW_KEYS = ('model', 'stage', 'num_steps', 'guidance', 'semantic', 'sample_seed', 'num_samples', 'fid', 'kid_mean',
@@ -131,11 +131,8 @@ def round_path(directory, round_index, suffix='.npz'):
 
 def save_npz_atomic(path, **arrays):
   """Writes an .npz beside its final name, then renames it: a reader sees the whole file or none."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'wb') as f:  # A file object: np.savez would append '.npz' to the tmp name.
-    np.savez(f, **arrays)
-  os.replace(tmp, path)
+  with files.atomic_path(path) as tmp:
+    np.savez(tmp, **arrays)
 
 
 def _data_description(config, num_images, **extra):
@@ -154,10 +151,6 @@ def _subset(num_available, num_wanted, seed):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Feature extractors.
-
-
-def _classifier_dir(workdir):
-  return os.path.join(workdir, EVAL_DIR, 'classifier')
 
 
 def weak_classifier_warning(accuracy):
@@ -183,7 +176,7 @@ def classifier_feature_fn(config, workdir):
 
   Saved once and reused, so that every later evaluation of this run measures in the same feature space.
   """
-  directory = _classifier_dir(workdir)
+  directory = layout.RunLayout(workdir).classifier_dir
   path, info_path = os.path.join(directory, 'classifier.npz'), os.path.join(directory, 'info.json')
   accuracy = None
   if not os.path.exists(path):
@@ -201,8 +194,8 @@ def classifier_feature_fn(config, workdir):
     info = dict(data=json.loads(_data_description(config, len(train))), held_out_images=int(len(test)),
                 held_out_accuracy=accuracy, train_s=time.time() - start)
     files.write_text_atomic(info_path, json.dumps(info, indent=2) + '\n')
-    classifier_lib.save_classifier(f'{path}.tmp{os.getpid()}', model, params)
-    os.replace(f'{path}.tmp{os.getpid()}', path)
+    with files.atomic_path(path) as tmp:
+      classifier_lib.save_classifier(tmp, model, params)
     logging.info('evaluate: classifier trained in %.0f s, held-out accuracy %.3f; saved to %s', info['train_s'],
                  accuracy, path)
   elif os.path.exists(info_path):
@@ -290,7 +283,7 @@ class Reference:
 
 
 def reference_path(workdir, extractor):
-  return os.path.join(workdir, EVAL_DIR, f'reference_{safe_name(extractor)}.npz')
+  return os.path.join(layout.RunLayout(workdir).evaluate_dir, f'reference_{safe_name(extractor)}.npz')
 
 
 def _features_in(path):
@@ -397,7 +390,7 @@ def check_dims(reference, dim):
 
 
 def held_out_path(workdir, extractor):
-  return os.path.join(workdir, EVAL_DIR, f'reference_{safe_name(extractor)}.held_out.npz')
+  return os.path.join(layout.RunLayout(workdir).evaluate_dir, f'reference_{safe_name(extractor)}.held_out.npz')
 
 
 def _test_split(config):
@@ -501,29 +494,20 @@ def model_label(path, workdir):
 
 
 def _resolve(path, workdir):
-  return sampling.resolve_model_path(sampling.in_workdir(path, workdir))
+  return exports.resolve_model_path(exports.in_workdir(path, workdir))
 
 
 def model_paths(config, workdir):
   """The exported models to score: config.evaluate.models, or the teacher and every finished stage."""
   if config.evaluate.models:
     return [_resolve(p, workdir) for p in config.evaluate.models]
-  found = []
-  teacher = os.path.join(workdir, 'teacher', 'model')
-  if checkpointing.is_exported(teacher):
-    found.append((-1, os.path.abspath(teacher)))
-  distill = os.path.join(workdir, 'distill')
-  if os.path.isdir(distill):
-    for name in os.listdir(distill):
-      export = os.path.join(distill, name, 'model')
-      if re.fullmatch(r'stage_\d+', name) and checkpointing.is_exported(export):
-        found.append((int(name[6:]), os.path.abspath(export)))
+  found = layout.RunLayout(os.path.abspath(workdir)).finished_models()
   if not found:
     raise errors.CheckpointError(
         f'nothing to evaluate in {os.path.abspath(workdir)}: no exported teacher/model or distill/stage_<k>/model. '
         'Train first (python -m sferd_jax.main --mode=pipeline ...), or list exported models in '
         'config.evaluate.models.')
-  return [p for _, p in sorted(found)]
+  return found
 
 
 def model_variants(config, workdir, path, model):
@@ -571,13 +555,13 @@ def sample_kwargs(config, variant):
 
 def variant_meta(config, variant, model):
   """Everything that decides a variant's round files; resuming with other values would mix samples."""
-  meta = dict(model=variant.model, model_fingerprint=checkpointing.fingerprint(model.params), seed=variant.seed(config),
+  meta = dict(model=variant.model, model_fingerprint=exports.fingerprint(model.params), seed=variant.seed(config),
               round_size=config.evaluate.round_size,
               image_shape=[model.config.model.image_size] * 2 + [model.config.model.channels],
               **sample_kwargs(config, variant))
   if variant.semantic:
     # The predictor and latent model are retrained apart from the student: they are part of the sampler.
-    meta['semantic_fingerprint'] = checkpointing.fingerprint(
+    meta['semantic_fingerprint'] = exports.fingerprint(
         {'predictor': model.semantic.params, 'latent': model.semantic.latent_params, 'stats': model.semantic.stats})
   return config_lib.to_json(meta)
 
@@ -661,7 +645,7 @@ def variant_features(model, config, variant, directory, feature_fn, *, log_prefi
         # The first round of a call includes compilation: leave it out of the rate once there are others.
         per_round = np.mean(times[1:] if len(times) > 1 else times)
         logging.info('%sround %d/%d (%d samples) in %.1f s, %.1f samples/s | ETA %s', log_prefix, r + 1, len(sizes),
-                     n, times[-1], n / max(times[-1], 1e-9), loop.format_eta(per_round * remaining))
+                     n, times[-1], n / max(times[-1], 1e-9), progress.format_eta(per_round * remaining))
       features = extract(feature_fn, images)
       save_npz_atomic(feature_path, extractor=np.str_(feature_fn.extractor), **features)
     parts.append(features)
@@ -783,7 +767,7 @@ def run_evaluate(config, workdir, *, mesh=None):
   """
   del mesh  # sample() shards each batch over the local devices itself.
   cfg = config.evaluate
-  directory = os.path.join(workdir, EVAL_DIR)
+  directory = layout.RunLayout(workdir).evaluate_dir
   if jax.process_index() != 0:
     # One writer for the round files; sample() runs on one process's devices, so the others would only race it.
     logging.info('evaluate: process %d leaves the evaluation to process 0', jax.process_index())
@@ -812,7 +796,7 @@ def run_evaluate(config, workdir, *, mesh=None):
                _fmt(nn_dist_real, '.4g'))
   rows = []
   for m, path in enumerate(paths):
-    model = sampling.load(path)
+    model = exports.load(path)
     for variant in model_variants(config, workdir, path, model):
       prefix = f'evaluate [model {m + 1}/{len(paths)}] {variant.name}: '
       variant_dir = os.path.join(directory, variant.name)

@@ -53,18 +53,17 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from sferd_jax import errors
-from sferd_jax import config as config_lib
 from sferd_jax import data as data_lib
-from sferd_jax import images as images_lib
-from sferd_jax import sampling
 from sferd_jax.diffusion import process
 from sferd_jax.diffusion import schedules
+from sferd_jax import errors
+from sferd_jax import exports
+from sferd_jax import images as images_lib
+from sferd_jax import layout
 from sferd_jax.models import denoiser
 from sferd_jax.models import unet
 from sferd_jax.sferd import guided_teacher
 
-ANALYZE_DIR = 'analyze'
 EXAMPLE_IMAGES = 8  # columns of the maps figures
 _NOISE_TAG = 0x66657272  # folds into config.seed: the analysis' noise is not a training phase's
 _NULL_TAG = 0x6e756c6c   # with config.seed, seeds the permutation null's derangements
@@ -457,7 +456,7 @@ def maps_plot_name(index, t):
 
 def _load_model(config, workdir):
   """config.analyze.model as sample.model: a path in the workdir or anywhere; None = the workdir's last model."""
-  return sampling.load(sampling.in_workdir(config.analyze.model, workdir))
+  return exports.load(exports.in_workdir(config.analyze.model, workdir))
 
 
 def _real_images(config, model, num_images):
@@ -478,7 +477,7 @@ def _json_float(value):
 
 def _mask_model(mask_model_path, workdir, model_config, block):
   """The model whose attention defines the risky mask: loaded like config.analyze.model, checked against ours."""
-  mask_model = sampling.load(sampling.in_workdir(mask_model_path, workdir))
+  mask_model = exports.load(exports.in_workdir(mask_model_path, workdir))
   mask_config = mask_model.config.model
   for key in ('image_size', 'channels'):
     if mask_config[key] != model_config[key]:
@@ -542,7 +541,7 @@ def run_analysis(config, workdir, *, mask_model_path=None, num_permutations=NULL
                   if len(x0) >= 2 and num_permutations >= 1 else None)
   exhaustive = len(x0) >= 2 and num_derangements(len(x0)) <= num_permutations
   diffusion = dict(model.config.diffusion)
-  out_dir = os.path.join(workdir, ANALYZE_DIR)
+  out_dir = layout.RunLayout(workdir).analyze_dir
   os.makedirs(out_dir, exist_ok=True)
   levels, plots, arrays = [], [], {'x0': x0, 'times': np.asarray(cfg.times, np.float32)}
   for i, t in enumerate(cfg.times):

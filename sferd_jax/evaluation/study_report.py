@@ -411,6 +411,6 @@ def write_report(rows, directory, **summarize_kwargs):
   files.write_text_atomic(os.path.join(directory, RESULTS_JSON), payload + '\n')
   files.write_text_atomic(os.path.join(directory, RESULTS_MD), markdown_table(summary))
   png = os.path.join(directory, PLOT_PNG)
-  plot_fid_vs_steps(summary, f'{png}.tmp{os.getpid()}.png')
-  os.replace(f'{png}.tmp{os.getpid()}.png', png)
+  with files.atomic_path(png) as tmp:
+    plot_fid_vs_steps(summary, tmp)
   return summary

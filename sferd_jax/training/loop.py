@@ -17,11 +17,13 @@ import jax
 import numpy as np
 from absl import logging
 
-from sferd_jax import errors
 from sferd_jax import config as config_lib
+from sferd_jax import errors
+from sferd_jax import files
 from sferd_jax import images as images_lib
+from sferd_jax import progress
+from sferd_jax import sharding
 from sferd_jax.training import checkpointing
-from sferd_jax.training import sharding
 from sferd_jax.training import steps as steps_lib
 
 
@@ -41,15 +43,7 @@ class Phase:
   sample_fn: Optional[Callable[[Any], np.ndarray]] = None  # params -> uint8 images, for grids
 
 
-def format_eta(seconds):
-  if not math.isfinite(seconds):
-    return '?'
-  seconds = int(seconds)
-  h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
-  return f'{h}h{m:02d}m' if h else f'{m}m{s:02d}s'
-
-
-def _cost_flops(lowered):
+def cost_flops(lowered):
   """Total FLOPs of one call from XLA's HLO cost analysis of the lowered (pre-compilation) HLO; None if unknown.
 
   Not the compiled executable's analysis: on GPU that leaves out the convolutions XLA hands to cuDNN
@@ -107,10 +101,7 @@ class MetricsLog:
     kept = []
     if os.path.exists(self.path):
       kept = [line for step, line in _read_metrics(self.path) if step <= resume_step]
-    tmp = self.path + '.tmp'  # replaced in one step: a kill now leaves the old log or the new one
-    with open(tmp, 'w') as f:
-      f.writelines(kept)
-    os.replace(tmp, self.path)
+    files.write_text_atomic(self.path, ''.join(kept))  # a kill now leaves the old log or the new one
 
   def write(self, record):
     if self.path:
@@ -160,7 +151,7 @@ def _call_flops(jitted, lowered, args):
   if num_steps > 1:
     one_step = jax.tree.map(lambda x: jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype), args[1])
     lowered = jitted.lower(args[0], one_step, *args[2:])
-  flops = _cost_flops(lowered)
+  flops = cost_flops(lowered)
   return flops * num_steps if flops else None
 
 
@@ -192,10 +183,7 @@ def _finish(phase, state, summary):
   if not os.path.exists(grid_path):  # a skipped phase writes only what a kill left unwritten
     _write_grid(phase, state, phase.train_config.train_steps)
   if jax.process_index() == 0:
-    tmp = os.path.join(phase.directory, 'summary.json.tmp')
-    with open(tmp, 'w') as f:
-      json.dump(summary, f, indent=2)
-    os.replace(tmp, os.path.join(phase.directory, 'summary.json'))
+    files.write_json_atomic(os.path.join(phase.directory, 'summary.json'), summary)
 
 
 def run_phase(phase, *, batches, mesh, rng):
@@ -286,7 +274,7 @@ def run_phase(phase, *, batches, mesh, rng):
                      phase.name, step, cfg.train_steps, 100 * step // cfg.train_steps, last_record['loss'],
                      last_record['grad_norm'], last_record['learning_rate'],
                      ''.join(f' {k} {last_record[k]:.4g}' for k in phase_metrics(last_record)),
-                     last_record['images_per_s'], format_eta(eta))
+                     last_record['images_per_s'], progress.format_eta(eta))
         timer_start, timer_images = time.perf_counter(), 0
       if save_now:
         save(step)

@@ -10,7 +10,6 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sferd_jax import errors
-from sferd_jax import config as config_lib
 
 
 def multi_host_environment(env):

@@ -1,0 +1,406 @@
+"""Every training phase, built from the config in one place: its spec (step, state, resume record) and its jobs (the
+phase folders it trains and exports). The pipeline, bench/ and the tests build phases only through here.
+
+Adding a phase is a step in steps.py, a spec builder and a jobs function below, and an entry in PHASES.
+"""
+
+import dataclasses
+import functools
+import os
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from sferd_jax import config as config_lib
+from sferd_jax import data as data_lib
+from sferd_jax.data import codes as codes_lib
+from sferd_jax import errors
+from sferd_jax import exports
+from sferd_jax import layout
+from sferd_jax.models import latent as latent_lib
+from sferd_jax.models import semantic as semantic_lib
+from sferd_jax.models import unet
+from sferd_jax.sferd import guided_teacher
+from sferd_jax import sharding
+from sferd_jax.training import grids
+from sferd_jax.training import loop
+from sferd_jax.training import state as state_lib
+from sferd_jax.training import steps as steps_lib
+
+# Training keys that do not change what a phase computes: a resume may change them. (steps_per_call only groups
+# the same steps into calls; distill's stage keys are covered by student_steps and the teacher fingerprint.)
+RESUMABLE_KEYS = ('log_every', 'checkpoint_every', 'keep_checkpoints', 'sample_every', 'steps_per_call', 'teacher',
+                  'start_num_steps', 'end_num_steps')
+# Model keys that change how a model runs but not its parameters: a teacher trained with dropout 0.2 is
+# distilled with dropout 0 (as in progressive distillation), and a float32 export may run in bfloat16.
+NOT_ARCHITECTURE = ('dropout', 'dtype')
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseSpec:
+  """What a phase trains: its step, how its state starts, and what a resume of it must match."""
+  name: str                    # the phase, which is also its training section: 'teacher', 'distill', ...
+  train_config: Any            # config[name]
+  step: Callable               # step(state, batch, rng, *extra) -> (state, metrics), pure
+  init: Callable               # init(*init_args) -> TrainState, run under jit
+  create: Callable             # create(params) -> TrainState with this phase's optimizer and EMA
+  seed: int                    # its data order's seed and its noise key's: config.seed + the phase's offset
+  meta: dict                   # the resume record every job of the phase shares (loop.Phase.meta)
+
+
+@dataclasses.dataclass
+class Inputs:
+  """What one job trains from, loaded only when its export is missing."""
+  batches: Any                 # data_lib.Batches (or CodeBatches): get(step, num_steps) of the phase's examples
+  rng: jax.Array               # the job's noise key
+  info: dict                   # its export's model.json (the training summary is added)
+  meta: dict = dataclasses.field(default_factory=dict)   # the job's own resume record (a teacher's fingerprint)
+  init_args: tuple = ()        # arrays for spec.init (a teacher's params)
+  extra_args: tuple = ()       # the step's replicated arguments after rng
+  sample_fn: Optional[Callable[[Any], np.ndarray]] = None   # params -> uint8 images, for grids
+  extra_trees: dict = dataclasses.field(default_factory=dict)  # exported beside 'params'
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """One phase folder to train and export: the teacher, a distillation stage, a stage's predictor, ..."""
+  name: str                    # for logs: 'distill stage 2/5 (16 -> 8 steps)'
+  directory: str               # the phase folder; its export is layout.export_of(directory)
+  prepare: Callable[[], Inputs]
+
+
+def build(config, name):
+  """The PhaseSpec of phase `name` ('teacher', 'distill', 'semantic' or 'latent') for a config."""
+  return PHASES[name][0](config)
+
+
+def jobs(config, workdir, spec, *, mesh):
+  """The jobs of spec's phase in a run folder, in order."""
+  return PHASES[spec.name][1](config, layout.RunLayout(workdir), spec, mesh)
+
+
+def run(config, workdir, name, *, mesh):
+  """Trains and exports every job of phase `name` that is not exported yet. Returns [model.json of each job]."""
+  spec = build(config, name)
+  return [train_and_export(spec, job, config=config, mesh=mesh) for job in jobs(config, workdir, spec, mesh=mesh)]
+
+
+def train_and_export(spec, job, *, config, mesh):
+  """One job: skipped when exported (its architecture checked against the config), else trained to the end of its
+  training section (resuming from its last checkpoint) and exported. Returns its model.json."""
+  export = layout.export_of(job.directory)
+  if layout.is_exported(export):
+    check_architecture(export, config)
+    logging.info('%s: finished and exported at %s; skipping', job.name, export)
+    return exports.read_info(export)
+  inputs = job.prepare()
+  phase = loop.Phase(name=job.name, directory=job.directory, train_config=spec.train_config, step=spec.step,
+                     init_state=spec.init, init_args=inputs.init_args, extra_args=inputs.extra_args,
+                     meta=dict(spec.meta, **inputs.meta), sample_fn=inputs.sample_fn)
+  state, summary = loop.run_phase(phase, batches=inputs.batches, mesh=mesh, rng=inputs.rng)
+  info = dict(inputs.info, summary=summary)
+  exports.export_model(export, trees={'params': state.export_params, **inputs.extra_trees}, info=info)
+  logging.info('%s: exported to %s', job.name, export)
+  return info
+
+
+# Shared pieces.
+
+
+def make_batches(config, spec):
+  """The phase's examples: every job of a phase reads the same ones in the same order (one data seed)."""
+  source = data_lib.load_source(data_lib.data_config(config))
+  logging.info('data: %s', source)
+  return data_lib.Batches(source, global_batch_size=spec.train_config.batch_size, seed=spec.seed,
+                          random_flip=config.data.random_flip)
+
+
+def _optimizer(train_config):
+  """(tx, its learning-rate schedule, create(params) -> a TrainState updated by tx) of a training section."""
+  tx, schedule = state_lib.make_optimizer(train_config.optimizer, train_config.train_steps)
+  return tx, schedule, lambda params: state_lib.TrainState.create(params=params, tx=tx,
+                                                                  ema_decay=train_config.ema_decay)
+
+
+def training_meta(train_config):
+  """What a phase's checkpoints record of its training section, for a resume to match (loop.Phase.meta)."""
+  return {k: v for k, v in config_lib.to_json(train_config).items() if k not in RESUMABLE_KEYS}
+
+
+def guidance_meta(config):
+  """The attention-guidance settings a distillation target used: None when guidance is off (then none matter)."""
+  cfg = config.sferd.attention_guidance
+  return config_lib.to_json(cfg) if guided_teacher.is_active(cfg) else None
+
+
+def semantic_settings(config, *, training=False):
+  """config.sferd.semantic as a stage's predictor records it: without `stages` (which stages get one changes none
+  of them) and, in a phase's resume record (training=True), without the sampling-only `stop_fraction`."""
+  skip = ('stages', 'stop_fraction') if training else ('stages',)
+  return {k: v for k, v in config.sferd.semantic.to_dict().items() if k not in skip}
+
+
+def model_info(config, *, name, phase, num_steps, **extra):
+  """model.json of a U-Net's export: what load() and the next stage need to know."""
+  return dict(name=name, phase=phase, num_steps=num_steps, model=config.model.to_dict(),
+              diffusion=config.diffusion.to_dict(), **extra)
+
+
+def check_architecture(export_path, config):
+  """An exported model must have the architecture of config.model and the noise schedule of config.diffusion, or
+  nothing downstream can use it (a student distilled on another schedule would not match its teacher). Exports
+  that record neither (a predictor's, a latent model's) pass."""
+  info = exports.read_info(export_path)
+  diff = {}
+  for section in ('model', 'diffusion'):
+    saved, wanted = info.get(section), config_lib.to_json(config[section])
+    if saved is None:  # an export older than the section's record: nothing to compare
+      continue
+    diff.update({f'{section}.{k}': (saved.get(k), v) for k, v in wanted.items()
+                 if saved.get(k) != v and k not in NOT_ARCHITECTURE})
+  if diff:
+    raise errors.IncompatibleRunError(
+        f'{export_path} holds a model whose architecture differs from the config (config key: (saved, config)): '
+        f'{diff}. Use a new --workdir, or set these config keys to the saved values.')
+
+
+def teacher_path(config, workdir):
+  """The model stage 1 distils: config.distill.teacher, or the teacher phase's export in the workdir."""
+  return os.path.abspath(config.distill.teacher or layout.RunLayout(workdir).teacher_model)
+
+
+def stage_teacher_path(config, workdir, stage):
+  """The model stage `stage` distils: stage k-1's export, or for stage 1 teacher_path(). Derived, not read from
+  model.json (which records absolute paths), so a moved workdir still works."""
+  return teacher_path(config, workdir) if stage == 1 else layout.RunLayout(workdir).stage_model(stage - 1)
+
+
+def check_teacher(config, workdir):
+  """Fails before any work when the teacher to distil is missing or has another architecture."""
+  path = teacher_path(config, workdir)
+  if not layout.is_exported(path):
+    raise errors.CheckpointError(
+        f'no teacher to distil at {path}. Train one first (--mode=train_teacher, or put "teacher" in '
+        f'config.phases), or point config.distill.teacher at an exported model folder.')
+  check_architecture(path, config)
+  return path
+
+
+def finished_stage(run, stage, what):
+  """The export of distillation stage `stage`, which `what` needs finished."""
+  path = run.stage_model(stage)
+  if not layout.is_exported(path):
+    raise errors.CheckpointError(f'{what} needs the finished distillation stage {stage} at {path}; run the '
+                                 f'distill phase first (it comes before {what} in config.phases).')
+  return path
+
+
+def load_stage_teacher(config, workdir, stage, student, *, sharding=None):
+  """The params of the model stage `stage`'s student was distilled from, checked against its recorded fingerprint."""
+  path = stage_teacher_path(config, workdir, stage)
+  if not layout.is_exported(path):
+    raise errors.CheckpointError(f'the teacher of distillation stage {stage} is missing at {path}; it is needed to '
+                                 f'train that stage\'s semantic predictor. Restore it, or rerun the distill phase.')
+  params = exports.load(path, sharding=sharding).params
+  expected, found = student.config.get('teacher_fingerprint'), exports.fingerprint(params)
+  if expected and found != expected:
+    raise errors.CheckpointError(
+        f'{path} is not the model stage {stage} was distilled from (fingerprint {found}, expected {expected}). '
+        f'Restore that model there, or rerun the distill phase in a new --workdir.')
+  return params
+
+
+def _once(fn):
+  """fn() computed at the first call and kept: what several jobs share but a finished run never needs."""
+  return functools.lru_cache(maxsize=None)(fn)
+
+
+# The teacher: the base diffusion model.
+
+
+def teacher_spec(config):
+  train_config = config.teacher
+  tx, schedule, create = _optimizer(train_config)
+  model = unet.make_unet(config.model)
+
+  def init(params=None):
+    """From the given params, or freshly initialised."""
+    if params is None:
+      params = unet.init_params(model, jax.random.key(config.seed), model_config=config.model)
+    return create(params)
+
+  step = steps_lib.make_teacher_step(model=model, model_config=config.model,
+                                     diffusion_config=config.diffusion.to_dict(), train_config=train_config, tx=tx,
+                                     schedule=schedule)
+  return PhaseSpec(name='teacher', train_config=train_config, step=step, init=init, create=create, seed=config.seed,
+                   meta=dict(model=config.model.to_dict(), diffusion=config.diffusion.to_dict(),
+                             data=data_lib.data_config(config), seed=config.seed, loss=train_config.loss))
+
+
+def teacher_jobs(config, run, spec, mesh):
+  del mesh  # the teacher starts from nothing
+  yield Job('teacher', run.teacher_dir, lambda: Inputs(
+      batches=make_batches(config, spec), rng=jax.random.key(spec.seed),
+      info=model_info(config, name='teacher', phase='teacher', num_steps=config.distill.start_num_steps),
+      sample_fn=grids.grid_sampler(config, grids.TEACHER_GRID_STEPS)))
+
+
+# Progressive distillation: start_num_steps -> end_num_steps, halving, one stage per halving.
+
+
+def distill_spec(config):
+  """One step for every stage: the teacher's params and the student's step count are its arguments, so all stages
+  share one compilation. Stage k's student starts as its teacher (init(teacher_params)) with a fresh optimizer."""
+  train_config = config.distill
+  tx, schedule, create = _optimizer(train_config)
+  step = steps_lib.make_distill_step(model=unet.make_unet(config.model), model_config=config.model,
+                                     diffusion_config=config.diffusion.to_dict(), train_config=train_config, tx=tx,
+                                     schedule=schedule,
+                                     teacher_fn=guided_teacher.denoise_factory(config.model,
+                                                                               config.sferd.attention_guidance))
+  return PhaseSpec(name='distill', train_config=train_config, step=step, init=create, create=create,
+                   seed=config.seed + 1,
+                   meta=dict(model=config.model.to_dict(), diffusion=config.diffusion.to_dict(),
+                             data=data_lib.data_config(config), seed=config.seed, loss=train_config.loss,
+                             attention_guidance=guidance_meta(config), training=training_meta(train_config)))
+
+
+def distill_jobs(config, run, spec, mesh):
+  batches = _once(lambda: make_batches(config, spec))
+  num_stages = config_lib.num_stages(config)
+  for stage in range(1, num_stages + 1):
+    student_steps = config.distill.start_num_steps // 2**stage
+
+    def prepare(stage=stage, student_steps=student_steps):
+      teacher = stage_teacher_path(config, run.workdir, stage)
+      teacher_params = exports.load(teacher, sharding=sharding.replicated(mesh)).params  # enters the steps
+      fingerprint = exports.fingerprint(teacher_params)
+      # Every stage reads the same examples in the same order; only its noise key differs, folded from the stage
+      # number. Resumes rely on both being functions of the step alone.
+      return Inputs(batches=batches(), rng=jax.random.fold_in(jax.random.key(spec.seed), stage),
+                    meta=dict(student_steps=student_steps, teacher=fingerprint),
+                    init_args=(teacher_params,), extra_args=(teacher_params, jnp.int32(student_steps)),
+                    sample_fn=grids.grid_sampler(config, student_steps),
+                    info=model_info(config, name=f'stage_{stage}', phase='distill', num_steps=student_steps,
+                                    stage=stage, teacher=teacher, teacher_fingerprint=fingerprint))
+
+    yield Job(f'distill stage {stage}/{num_stages} ({2 * student_steps} -> {student_steps} steps)',
+              run.stage_dir(stage), prepare)
+
+
+# The semantic gradient predictor: E_phi and G_tau on the frozen student of each stage of semantic_stages.
+
+
+def semantic_spec(config):
+  """The target is config.sferd.semantic.target (sferd/semantic_predictor.py), computed with the stage's own
+  (guided) teacher where it needs one."""
+  train_config = config.semantic
+  tx, schedule, create = _optimizer(train_config)
+  encoder, predictor = semantic_lib.make_semantic_models(config.model, config.sferd.semantic)
+  step = steps_lib.make_semantic_step(
+      student=unet.make_unet(config.model), encoder=encoder, predictor=predictor, model_config=config.model,
+      semantic_config=config.sferd.semantic, diffusion_config=config.diffusion.to_dict(), train_config=train_config,
+      tx=tx, schedule=schedule,
+      teacher_fn=guided_teacher.denoise_factory(config.model, config.sferd.attention_guidance))
+
+  def init(rng, student_params):
+    params = semantic_lib.init_semantic_params(encoder, predictor, rng, model_config=config.model)
+    if config.sferd.semantic.init_from_student:
+      params = dict(params, predictor=semantic_lib.warm_start_from_student(params['predictor'], student_params))
+    return create(params)
+
+  return PhaseSpec(name='semantic', train_config=train_config, step=step, init=init, create=create,
+                   seed=config.seed + 2,
+                   meta=dict(semantic=semantic_settings(config, training=True), data=data_lib.data_config(config),
+                             seed=config.seed, loss=train_config.loss, attention_guidance=guidance_meta(config),
+                             training=training_meta(train_config)))
+
+
+def semantic_jobs(config, run, spec, mesh):
+  """Exports distill/stage_<k>/semantic/model ({'params': {'encoder', 'predictor'}})."""
+  batches = _once(lambda: make_batches(config, spec))
+  replicated = sharding.replicated(mesh)  # the student and teacher enter the steps
+  for stage in config_lib.semantic_stages(config):
+
+    def prepare(stage=stage):
+      student_path = finished_stage(run, stage, 'the semantic phase')
+      student = exports.load(student_path, sharding=replicated)
+      teacher_params = load_stage_teacher(config, run.workdir, stage, student, sharding=replicated)
+      num_steps = student.config.num_steps
+      rng = jax.random.fold_in(jax.random.key(spec.seed), stage)
+      return Inputs(batches=batches(), rng=rng, meta=dict(student=exports.fingerprint(student.params)),
+                    init_args=(rng, student.params),
+                    extra_args=(student.params, teacher_params, jnp.int32(num_steps)),
+                    sample_fn=grids.reconstruction_sampler(config, student, batches().get(0)),
+                    info=dict(name=f'stage_{stage}_semantic', phase='semantic', stage=stage, num_steps=num_steps,
+                              semantic=semantic_settings(config), student=student_path))
+
+    student_steps = config.distill.start_num_steps // 2**stage
+    yield Job(f'semantic stage {stage} ({student_steps}-step student)', run.semantic_dir(stage), prepare)
+
+
+# The latent diffusion over each semantic stage's normalised codes.
+
+
+def latent_spec(config):
+  """A class-conditional image model (config.model.num_classes > 0) gets a class-conditional latent model, trained
+  on each code's image label."""
+  train_config = config.latent
+  tx, schedule, create = _optimizer(train_config)
+  model = latent_lib.make_latent_model(config.sferd.latent, num_classes=int(config.model.num_classes))
+  step = steps_lib.make_latent_step(model=model, diffusion_config=config.diffusion.to_dict(),
+                                    train_config=train_config, tx=tx, schedule=schedule)
+  dim = config.sferd.semantic.latent_dim
+  return PhaseSpec(name='latent', train_config=train_config, step=step, create=create, seed=config.seed + 3,
+                   init=lambda rng: create(latent_lib.init_latent_params(model, rng, dim=dim)),
+                   meta=dict(latent=config.sferd.latent.to_dict(), seed=config.seed, loss=train_config.loss,
+                             num_classes=int(config.model.num_classes)))
+
+
+def latent_jobs(config, run, spec, mesh):
+  """Exports distill/stage_<k>/latent/model: its params and the code statistics ({'params', 'stats': {'mean',
+  'std'}}); model.json records its num_classes."""
+  del mesh  # its data are codes computed here, on this process
+  encoder, _ = semantic_lib.make_semantic_models(config.model, config.sferd.semantic)
+  num_classes = int(config.model.num_classes)
+  for stage in config_lib.semantic_stages(config):
+
+    def prepare(stage=stage):
+      semantic_path = run.semantic_model(stage)
+      if not layout.is_exported(semantic_path):
+        raise errors.CheckpointError(f'the latent phase needs the semantic predictor of stage {stage} at '
+                                     f'{semantic_path}; run the semantic phase first.')
+      semantic_params = exports.load_semantic_params(semantic_path, config.model, config.sferd.semantic)
+      source = data_lib.load_source(data_lib.data_config(config))
+      encode = jax.jit(lambda params, x: encoder.apply({'params': params}, x))
+      codes, labels = codes_lib.encode_dataset(source, functools.partial(encode, semantic_params['encoder']))
+      if num_classes and not 0 <= labels.min() <= labels.max() < num_classes:
+        # nn.Embed would silently clamp (or NaN) an out-of-range label: fail before any training.
+        raise ValueError(f'the dataset\'s labels span [{labels.min()}, {labels.max()}], outside the model\'s '
+                         f'{num_classes} classes (config.model.num_classes)')
+      stats = latent_lib.latent_statistics(codes)  # over all codes, whatever their class
+      rng = jax.random.fold_in(jax.random.key(spec.seed), stage)
+      student = exports.load(finished_stage(run, stage, 'the latent phase'))
+      return Inputs(
+          batches=codes_lib.CodeBatches(np.asarray(latent_lib.normalize(codes, stats)), labels=labels,
+                                        global_batch_size=spec.train_config.batch_size, seed=spec.seed),
+          rng=rng, init_args=(rng,), meta=dict(encoder=exports.fingerprint(semantic_params['encoder'])),
+          sample_fn=grids.semantic_sampler(config, student, semantic_params, stats),
+          extra_trees={'stats': {'mean': np.asarray(stats.mean), 'std': np.asarray(stats.std)}},  # NumPy: written
+          info=dict(name=f'stage_{stage}_latent', phase='latent', stage=stage,         # once, not per process
+                    latent=config.sferd.latent.to_dict(), latent_dim=config.sferd.semantic.latent_dim,
+                    num_classes=num_classes, num_codes=len(codes)))
+
+    yield Job(f'latent stage {stage}', run.latent_dir(stage), prepare)
+
+
+# name -> (spec builder, jobs). The order of config.PHASES is the order they run in; 'evaluate' is not trained.
+PHASES = {
+    'teacher': (teacher_spec, teacher_jobs),
+    'distill': (distill_spec, distill_jobs),
+    'semantic': (semantic_spec, semantic_jobs),
+    'latent': (latent_spec, latent_jobs),
+}
