@@ -26,7 +26,6 @@ IMAGENET64_UNET = dict(image_size=64, channels=3, ch=192, emb_ch=768, ch_mult=(1
                        resblock_resample=True, num_classes=1000, output_type='both', dtype='float32')
 
 
-
 def _optional(field_type, default=None):
   """A key that may be None yet stays settable from the command line (--config.<key>=...): ml_collections
   refuses to override a plain None, since it cannot tell the type."""
@@ -216,15 +215,14 @@ def _fail(key, message):
   raise errors.ConfigError(f'config.{key}: {message}')
 
 
-def _validate_training(config, section):
+def _validate_training(config, section, *, loss_types):
   cfg = config[section]
   if cfg.train_steps < 1:
     _fail(f'{section}.train_steps', f'must be >= 1, got {cfg.train_steps}')
   if cfg.batch_size < 1:
     _fail(f'{section}.batch_size', f'must be >= 1, got {cfg.batch_size}')
-  from sferd_jax.diffusion import losses  # pylint: disable=g-import-not-at-top
-  if cfg.loss not in losses.LOSS_TYPES:
-    _fail(f'{section}.loss', f'must be one of {losses.LOSS_TYPES}, got {cfg.loss!r}')
+  if cfg.loss not in loss_types:
+    _fail(f'{section}.loss', f'must be one of {loss_types}, got {cfg.loss!r}')
   opt = cfg.optimizer
   if opt.name not in OPTIMIZERS:
     _fail(f'{section}.optimizer.name', f'must be one of {OPTIMIZERS}, got {opt.name!r}')
@@ -245,10 +243,15 @@ def _validate_training(config, section):
 
 def validate(config):
   """Raises ConfigError naming the key and the fix, for a config that cannot work. Returns the config."""
+  # Imported here, not at the top: every config file imports this module, and loading a config needs no JAX.
+  # pylint: disable=g-import-not-at-top
+  from sferd_jax.diffusion import losses, samplers
+  from sferd_jax.models import latent, unet
+  from sferd_jax.sferd import guided_teacher, semantic_predictor
+  # pylint: enable=g-import-not-at-top
   for phase in config.phases:
     if phase not in PHASES:
       _fail('phases', f'unknown phase {phase!r}; phases are {PHASES}')
-  from sferd_jax.models import unet  # pylint: disable=g-import-not-at-top
   try:
     unet.validate_model_config(config.model)
   except ValueError as e:
@@ -256,25 +259,21 @@ def validate(config):
   if config.diffusion.logsnr_min >= config.diffusion.logsnr_max:
     _fail('diffusion', 'logsnr_min must be below logsnr_max')
   for section in ('teacher', 'distill', 'semantic', 'latent'):
-    _validate_training(config, section)
+    _validate_training(config, section, loss_types=losses.LOSS_TYPES)
   start, end = config.distill.start_num_steps, config.distill.end_num_steps
   ratio = start / end if end >= 1 else 0
   if end < 1 or start < end or ratio != int(ratio) or not math.log2(ratio).is_integer():
     _fail('distill.start_num_steps',
           f'must be a power-of-two multiple of end_num_steps (each stage halves the step count); got start '
           f'{start}, end {end}. E.g. start_num_steps=1024, end_num_steps=1')
-  from sferd_jax.diffusion import samplers  # pylint: disable=g-import-not-at-top
   if config.sample.sampler not in samplers.SAMPLERS:
     _fail('sample.sampler', f'must be one of {samplers.SAMPLERS}, got {config.sample.sampler!r}')
   if config.sample.num_samples < 1 or config.sample.batch_size < 1:
     _fail('sample', 'num_samples and batch_size must be >= 1')
-  from sferd_jax.sferd import guided_teacher  # pylint: disable=g-import-not-at-top
   try:
     guided_teacher.validate_config(config.sferd.attention_guidance, config.model)
   except ValueError as e:
     raise errors.ConfigError(f'config.sferd.attention_guidance: {e}') from None
-  from sferd_jax.models import latent  # pylint: disable=g-import-not-at-top
-  from sferd_jax.sferd import semantic_predictor  # pylint: disable=g-import-not-at-top
   for key, check in (('sferd.semantic', semantic_predictor.validate_config),
                      ('sferd.latent', latent.validate_latent_config)):
     try:

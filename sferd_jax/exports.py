@@ -28,6 +28,7 @@ from sferd_jax.models import unet
 from sferd_jax import sampling
 from sferd_jax import sharding as sharding_lib
 
+
 @dataclasses.dataclass(frozen=True)
 class SemanticPredictor:
   """A stage's semantic gradient predictor (E_phi, G_tau) and the latent model that samples its codes z_sem."""
@@ -107,15 +108,16 @@ def read_info(path):
   """model.json of an exported model, with a clear error when there is none."""
   file = os.path.join(path, layout.MODEL_JSON)
   if not os.path.exists(file):
-    what = 'does not exist' if not os.path.exists(path) else f'has no {layout.MODEL_JSON} (not an exported model, or an ' \
-                                                             f'export that was interrupted)'
+    what = ('does not exist' if not os.path.exists(path) else
+            f'has no {layout.MODEL_JSON} (not an exported model, or an export that was interrupted)')
     raise errors.CheckpointError(f'{path} {what}. Point at the model/ folder a finished phase exported, e.g. '
                                  f'<workdir>/teacher/model or <workdir>/distill/stage_<k>/model.')
   try:
     with open(file) as f:
       return json.load(f)
   except (OSError, ValueError) as e:
-    raise errors.CheckpointError(f'{file} cannot be read ({e}); the export is corrupt. Re-export it or use another.') from None
+    raise errors.CheckpointError(f'{file} cannot be read ({e}); the export is corrupt. Re-export it or use '
+                                 f'another.') from None
 
 
 def load_tree(path, name, like, *, sharding=None):
@@ -132,8 +134,8 @@ def load_tree(path, name, like, *, sharding=None):
   try:
     return ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), name), like)
   except Exception as e:  # pylint: disable=broad-except
-    raise errors.CheckpointError(f'{path}/{name} cannot be restored ({type(e).__name__}: {e}). The export is corrupt or '
-                                 f'its architecture differs from the config it was loaded with.') from None
+    raise errors.CheckpointError(f'{path}/{name} cannot be restored ({type(e).__name__}: {e}). The export is '
+                                 f'corrupt or its architecture differs from the config it was loaded with.') from None
 
 
 def in_workdir(path, workdir):

@@ -228,8 +228,8 @@ def test_a_second_sample_seed_draws_other_samples_in_rows_of_its_own(runs):
   assert [(r['variant'], r['sample_seed']) for r in out['rows']] == [('distill_stage_2_1steps', 0),
                                                                      ('distill_stage_2_1steps_seed1', 1)]
   assert _mtimes(first) == before  # nothing drawn again for seed 0
-  with np.load(os.path.join(first, 'round_00000.npz')) as a, \
-       np.load(os.path.join(layout.RunLayout(runs['fresh']).evaluate_dir, 'distill_stage_2_1steps_seed1', 'round_00000.npz')) as b:
+  second = os.path.join(layout.RunLayout(runs['fresh']).evaluate_dir, 'distill_stage_2_1steps_seed1')
+  with np.load(os.path.join(first, 'round_00000.npz')) as a, np.load(os.path.join(second, 'round_00000.npz')) as b:
     assert not np.array_equal(a['images'], b['images'])
   rows = _read(runs['fresh'])
   assert {r['sample_seed'] for r in rows if r['model'] == 'distill/stage_2' and not r['guidance']

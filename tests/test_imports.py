@@ -93,3 +93,16 @@ def test_the_check_catches_an_upward_import(tmp_path):
   path.write_text('def f():\n  from sferd_jax import pipeline\n  from sferd_jax.training import loop\n'
                   '  import sferd_jax.exports\n')
   assert _imports(str(path)) == ['sferd_jax.pipeline', 'sferd_jax.training', 'sferd_jax.exports']
+
+
+def test_a_config_file_loads_without_jax():
+  """Config files import sferd_jax.config; validate() imports the maths it checks only when called."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(PACKAGE)
+  code = ('import importlib.util, sys; '
+          f'spec = importlib.util.spec_from_file_location("c", {os.path.join(root, "configs", "quickstart.py")!r}); '
+          'module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module); module.get_config(); '
+          'assert "jax" not in sys.modules, "loading a config imported jax"')
+  out = subprocess.run([sys.executable, '-c', code], cwd=root, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]

@@ -86,7 +86,8 @@ def test_the_arms_are_built_as_specified(finished):
              for run in ('pd', 'pd_target', 'guided')}
   assert targets == {'pd': 'teacher_on_data', 'pd_target': 'pd', 'guided': 'teacher_on_data'}
   # One feature classifier for every run.
-  fingerprints = {open(os.path.join(layout.RunLayout(os.path.join(seed, run)).classifier_dir, 'classifier.npz'), 'rb').read()
+  classifier = lambda run: os.path.join(layout.RunLayout(os.path.join(seed, run)).classifier_dir, 'classifier.npz')
+  fingerprints = {open(classifier(run), 'rb').read()
                   for run in ('pd', 'pd_target', 'guided', 'pd_more')}
   assert len(fingerprints) == 1
 

@@ -27,8 +27,6 @@ from sferd_jax.training import checkpointing
 from sferd_jax.training import steps as steps_lib
 
 
-
-
 @dataclasses.dataclass
 class Phase:
   """One training phase (the teacher, a distillation stage, the semantic predictor, ...)."""
