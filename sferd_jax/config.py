@@ -75,6 +75,9 @@ def base_config():
   config.seed = 0
   # What `--mode=pipeline` runs, in order.
   config.phases = ('teacher',)
+  # Config keys (or prefixes, e.g. 'distill.optimizer') a resume or a later phase may find changed: each change is
+  # recorded at the step it applies from. E.g. ('distill.optimizer.learning_rate',) to continue a diverged stage.
+  config.allow_changes = ()
 
   config.data = dict(
       name='digits',          # digits | fashion_mnist | cifar10 | imagenet64 | npz
@@ -224,6 +227,8 @@ def _validate_training(config, section, *, loss_types):
   if cfg.loss not in loss_types:
     _fail(f'{section}.loss', f'must be one of {loss_types}, got {cfg.loss!r}')
   opt = cfg.optimizer
+  if not opt.learning_rate > 0:  # 0 trains nothing, a negative rate ascends the loss
+    _fail(f'{section}.optimizer.learning_rate', f'must be > 0, got {opt.learning_rate}')
   if opt.name not in OPTIMIZERS:
     _fail(f'{section}.optimizer.name', f'must be one of {OPTIMIZERS}, got {opt.name!r}')
   if opt.schedule not in LR_SCHEDULES:
@@ -245,6 +250,7 @@ def validate(config):
   """Raises ConfigError naming the key and the fix, for a config that cannot work. Returns the config."""
   # Imported here, not at the top: every config file imports this module, and loading a config needs no JAX.
   # pylint: disable=g-import-not-at-top
+  from sferd_jax.data import sources
   from sferd_jax.diffusion import losses, samplers
   from sferd_jax.models import latent, unet
   from sferd_jax.sferd import guided_teacher, semantic_predictor
@@ -268,6 +274,19 @@ def validate(config):
           f'{start}, end {end}. E.g. start_num_steps=1024, end_num_steps=1')
   if config.sample.sampler not in samplers.SAMPLERS:
     _fail('sample.sampler', f'must be one of {samplers.SAMPLERS}, got {config.sample.sampler!r}')
+  for key in ('sample.num_steps', 'evaluate.num_steps'):
+    section, name = key.split('.')
+    if config[section][name] is not None and config[section][name] < 1:
+      _fail(key, f'must be >= 1, or None for each model\'s own step count; got {config[section][name]}')
+  if config.data.name not in sources.SOURCE_NAMES:
+    _fail('data.name', f'unknown source {config.data.name!r}; known: {sources.SOURCE_NAMES}')
+  for key in ('data.split', 'evaluate.reference_split'):
+    section, name = key.split('.')
+    if config[section][name] is not None:
+      try:
+        sources.check_split(config.data.name, config[section][name])
+      except ValueError as e:
+        raise errors.ConfigError(f'config.{key}: {e}') from None
   if config.sample.num_samples < 1 or config.sample.batch_size < 1:
     _fail('sample', 'num_samples and batch_size must be >= 1')
   try:
@@ -297,6 +316,8 @@ def validate(config):
     _fail('evaluate', 'num_samples must be >= 2 and round_size >= 1')
   if config.evaluate.classifier_steps < 1:
     _fail('evaluate.classifier_steps', f'must be >= 1, got {config.evaluate.classifier_steps}')
+  if any(not isinstance(key, str) or not key for key in config.allow_changes):
+    _fail('allow_changes', f"must be config keys, e.g. ('distill.optimizer.learning_rate',); got {config.allow_changes}")
   seeds = config.evaluate.sample_seeds or ()
   if any(not isinstance(seed, int) or seed < 0 for seed in seeds) or len(set(seeds)) != len(seeds):
     _fail('evaluate.sample_seeds', f'must be distinct non-negative ints, e.g. (0, 1), or None; got {seeds}')

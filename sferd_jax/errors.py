@@ -18,8 +18,19 @@ class TrainingDivergedError(FloatingPointError):
   """The loss became NaN or infinite."""
 
 
+class DataError(ValueError):
+  """A data file that cannot be used (wrong dtype or shape, no images, bad labels, unreadable); the message names the
+  file and the defect."""
+
+
 class DatasetNotFoundError(FileNotFoundError):
   """A dataset is not on disk; the message says how to put it there (sferd_jax never downloads)."""
 
 
-USER_ERRORS = (ConfigError, CheckpointError, IncompatibleRunError, TrainingDivergedError, DatasetNotFoundError)
+class RunLockedError(RuntimeError):
+  """Another process is running in the same run folder."""
+
+
+USER_ERRORS = (ConfigError, CheckpointError, IncompatibleRunError, TrainingDivergedError, DataError,
+               DatasetNotFoundError, RunLockedError)
+USER_ERROR_EXIT_CODE = 2  # as argparse and absl's flag errors: the command line or its inputs need a change

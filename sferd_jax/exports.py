@@ -70,17 +70,34 @@ class Model:
     if predictor is not None and stop_fraction is not None:
       predictor = predictor.with_stop_fraction(stop_fraction)
     return sampling.sample(self.params, rng, model_config=self.config.model, num_samples=num_samples,
-                  num_steps=num_steps or self.config.num_steps, diffusion_config=self.config.diffusion,
-                  semantic=predictor, **kwargs)
+                           num_steps=num_steps or self.config.num_steps, diffusion_config=self.config.diffusion,
+                           semantic=predictor, **kwargs)
+
+
+# What a U-Net export's model.json must hold for load() and the next stage to use it, by phase.
+REQUIRED_INFO = {'teacher': ('model', 'diffusion', 'num_steps'), 'distill': ('model', 'diffusion', 'num_steps', 'stage'),
+                 'semantic': ('semantic', 'stage'), 'latent': ('latent', 'latent_dim')}
+
+
+def digest(tree):
+  """(fingerprint, [paths of leaves holding NaN or Inf]) of a tree's values, in one pass over them.
+
+  The fingerprint is a short hash of every leaf's path and bytes: it tells which teacher a student was distilled
+  from, and that a checkpoint or export reads back as it was written.
+  """
+  hasher, nonfinite = hashlib.sha256(), []
+  for path, leaf in jax.tree_util.tree_leaves_with_path(sharding_lib.host_local(tree)):  # global arrays too
+    value = np.asarray(jax.device_get(leaf))
+    hasher.update(jax.tree_util.keystr(path).encode())
+    hasher.update(value.tobytes())
+    if value.dtype.kind in 'fc' and not np.all(np.isfinite(value)):
+      nonfinite.append(jax.tree_util.keystr(path))
+  return hasher.hexdigest()[:16], nonfinite
 
 
 def fingerprint(tree):
-  """A short hash of a parameter tree's values, to tell which teacher a student was distilled from."""
-  digest = hashlib.sha256()
-  for path, leaf in jax.tree_util.tree_leaves_with_path(sharding_lib.host_local(tree)):  # global arrays too
-    digest.update(jax.tree_util.keystr(path).encode())
-    digest.update(np.asarray(jax.device_get(leaf)).tobytes())
-  return digest.hexdigest()[:16]
+  """digest(tree)'s fingerprint."""
+  return digest(tree)[0]
 
 
 def export_model(path, *, trees, info):
@@ -95,12 +112,19 @@ def export_model(path, *, trees, info):
   if os.path.exists(path) and jax.process_index() == 0:
     shutil.rmtree(path)  # an export interrupted before model.json was written
   multihost_utils.sync_global_devices(f'export cleared {path}')
+  fingerprints = {}
+  for name, tree in trees.items():
+    fingerprints[name], nonfinite = digest(tree)
+    if nonfinite:  # never export what cannot sample
+      raise errors.TrainingDivergedError(f'{path}: not exported: {name} holds NaN or Inf in {nonfinite[:5]}. The '
+                                         f'training diverged; see the phase\'s metrics.jsonl.')
   checkpointer = ocp.StandardCheckpointer()
   for name, tree in trees.items():
     checkpointer.save(os.path.join(path, name), tree)
   checkpointer.wait_until_finished()
-  if jax.process_index() == 0:
-    files.write_json_atomic(os.path.join(path, layout.MODEL_JSON), dict(info, trees=sorted(trees)), sort_keys=True)
+  if jax.process_index() == 0:  # the fingerprints let load() tell a corrupt export from a good one
+    files.write_json_atomic(os.path.join(path, layout.MODEL_JSON),
+                            dict(info, trees=sorted(trees), fingerprints=fingerprints), sort_keys=True)
   multihost_utils.sync_global_devices(f'exported {path}')  # every process may read it next
 
 
@@ -113,11 +137,23 @@ def read_info(path):
     raise errors.CheckpointError(f'{path} {what}. Point at the model/ folder a finished phase exported, e.g. '
                                  f'<workdir>/teacher/model or <workdir>/distill/stage_<k>/model.')
   try:
-    with open(file) as f:
-      return json.load(f)
+    with open(file, encoding='utf-8') as f:
+      info = json.load(f)
   except (OSError, ValueError) as e:
-    raise errors.CheckpointError(f'{file} cannot be read ({e}); the export is corrupt. Re-export it or use '
-                                 f'another.') from None
+    raise errors.CheckpointError(f'{file} cannot be read ({e}); the export is corrupt. {rebuild_advice(path)}') \
+        from None
+  missing = (['phase'] if not isinstance(info, dict) or 'phase' not in info
+             else [k for k in REQUIRED_INFO.get(info['phase'], ()) if k not in info])
+  if missing:
+    raise errors.CheckpointError(f'{file} lacks {missing}: the export is corrupt or was not written by sferd_jax. '
+                                 f'{rebuild_advice(path)}')
+  return info
+
+
+def rebuild_advice(path):
+  """How to rebuild a corrupt export: its phase re-exports it from its final checkpoint."""
+  return (f'Rebuild it: move {path} aside and run the same command again (the phase that wrote it exports again '
+          f'from its last checkpoint, or trains again if that is gone).')
 
 
 def load_tree(path, name, like, *, sharding=None):
@@ -132,10 +168,18 @@ def load_tree(path, name, like, *, sharding=None):
   like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                      sharding=getattr(x, 'sharding', None) or sharding), like)
   try:
-    return ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), name), like)
+    tree = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), name), like)
   except Exception as e:  # pylint: disable=broad-except
     raise errors.CheckpointError(f'{path}/{name} cannot be restored ({type(e).__name__}: {e}). The export is '
-                                 f'corrupt or its architecture differs from the config it was loaded with.') from None
+                                 f'corrupt or its architecture differs from the config it was loaded with. '
+                                 f'{rebuild_advice(path)}') from None
+  found, nonfinite = digest(tree)
+  expected = read_info(path).get('fingerprints', {}).get(name)  # exports before fingerprints: values checked only
+  if (expected and found != expected) or nonfinite:
+    why = (f'its values do not match the fingerprint recorded when it was exported ({found} != {expected})'
+           if expected and found != expected else f'it holds NaN or Inf in {nonfinite[:5]}')
+    raise errors.CheckpointError(f'{path}/{name} is corrupt: {why}. {rebuild_advice(path)}')
+  return tree
 
 
 def in_workdir(path, workdir):

@@ -1,9 +1,19 @@
-"""Writing files so that a reader (or a run killed mid-write) sees the whole file or the previous one, never half."""
+"""Writing files so that a reader (or a run killed mid-write) sees the whole file or the previous one, never half;
+and the lock that keeps one run per run folder."""
 
 import contextlib
+import datetime
+import fcntl
 import json
 import os
 import shutil
+import socket
+
+from absl import logging
+
+from sferd_jax import errors
+
+LOCK_FILE = '.lock'
 
 
 def write_text_atomic(path, text):
@@ -35,3 +45,38 @@ def atomic_path(path):
       shutil.rmtree(tmp)
     elif os.path.exists(tmp):
       os.remove(tmp)
+
+
+@contextlib.contextmanager
+def run_lock(folder):
+  """Holds an advisory lock on <folder>/.lock while the block runs. A second run in the folder fails at once with
+  RunLockedError naming the holder's pid and host. The operating system drops the lock when its process ends, kill -9
+  included, so no stale lock is ever left to clear by hand. Where the file system has no locks (some network file
+  systems), a warning, and the block runs unlocked."""
+  os.makedirs(folder, exist_ok=True)
+  path = os.path.join(folder, LOCK_FILE)
+  with open(path, 'a+', encoding='utf-8') as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      holder = f.read().strip() or 'a process that has not written its name yet'
+      raise errors.RunLockedError(
+          f'{folder} is in use by another run: {holder}. Two runs in one folder would overwrite each other\'s '
+          f'checkpoints; wait for it to end or stop it, or use another --workdir. (The lock ends with its process: '
+          f'there is nothing to delete.)') from None
+    except OSError as e:
+      logging.warning('%s: this file system cannot lock files (%s); nothing stops a second run in this folder', path,
+                      e)
+      yield
+      return
+    f.seek(0)
+    f.truncate()
+    f.write(f'pid {os.getpid()} on {socket.gethostname()}, since {datetime.datetime.now():%Y-%m-%d %H:%M:%S}\n')
+    f.flush()
+    try:
+      yield
+    finally:
+      f.seek(0)
+      f.truncate()
+      fcntl.flock(f, fcntl.LOCK_UN)

@@ -43,13 +43,14 @@ class _QuietOrbax(std_logging.Filter):
     return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
 
 
-def _save_config(config, workdir):
+def _save_config(config, workdir, *, replace):
+  """config_<mode>.json: written when the run starts if there is none, and when it ends well (a refused or failed
+  run leaves the record of the last good one)."""
   import jax  # pylint: disable=g-import-not-at-top
-  if jax.process_index() != 0:  # one writer; the others would race on the same file
-    return
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, f'config_{_MODE.value}.json'), 'w') as f:
-    json.dump(config.to_dict(), f, indent=2, default=list)
+  from sferd_jax import files  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, f'config_{_MODE.value}.json')
+  if jax.process_index() == 0 and (replace or not os.path.exists(path)):  # one writer; the others would race
+    files.write_text_atomic(path, json.dumps(config.to_dict(), indent=2, default=list))
 
 
 def _run_study(config, workdir):
@@ -83,6 +84,21 @@ def _write_samples(config, workdir):
   logging.info('wrote %d samples of %s (%d steps) to %s.{png,npz}', len(samples), model.path, num_steps, out)
 
 
+def _lock(workdir):
+  """One run per run folder (files.run_lock), taken by process 0 of a multi-host job for all of them; the sample
+  mode only reads models and writes its own files, so it may run beside a training run."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from sferd_jax import files  # pylint: disable=g-import-not-at-top
+  if _MODE.value == 'sample' or jax.process_index() != 0:
+    return contextlib.nullcontext()
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise errors.ConfigError(f'--workdir={workdir} cannot be created ({e}); choose another folder') from None
+  return files.run_lock(workdir)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -103,20 +119,21 @@ def main(argv):
                                f'works); sferd_jax writes its run folder with ordinary file operations')
     config_lib.validate(config)
     sharding.initialize_distributed()  # before anything asks for devices or the process index
-    try:
-      _save_config(config, workdir)
-    except OSError as e:
-      raise errors.ConfigError(f'--workdir={workdir} is not writable ({e}); choose another folder') from None
-    if _MODE.value in PHASE_MODES:
-      pipeline.run_phase(config, workdir, PHASE_MODES[_MODE.value])
-    else:
-      tools = {'pipeline': pipeline.run_pipeline, 'sample': _write_samples, 'analyze': fitting_error.run_analysis,
-               'study': _run_study}
-      tools[_MODE.value](config, workdir)
-  except errors.USER_ERRORS as e:  # the user's to fix: one clear message, no traceback
-    logging.error('%s', e)
+    with _lock(workdir):
+      try:
+        _save_config(config, workdir, replace=False)
+      except OSError as e:
+        raise errors.ConfigError(f'--workdir={workdir} is not writable ({e}); choose another folder') from None
+      if _MODE.value in PHASE_MODES:
+        pipeline.run_phase(config, workdir, PHASE_MODES[_MODE.value])
+      else:
+        tools = {'pipeline': pipeline.run_pipeline, 'sample': _write_samples, 'analyze': fitting_error.run_analysis,
+                 'study': _run_study}
+        tools[_MODE.value](config, workdir)
+      _save_config(config, workdir, replace=True)
+  except errors.USER_ERRORS as e:  # the user's to fix: one message on stderr, no traceback
     print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+    sys.exit(errors.USER_ERROR_EXIT_CODE)
 
 
 if __name__ == '__main__':

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 
+from sferd_jax import errors
 import tiny
 
 
@@ -39,9 +40,9 @@ def test_train_teacher_then_sample_a_grid_and_npz(tmp_path):
 ])
 def test_bad_config_ends_with_one_clear_error(tmp_path, override, message):
   result = _main('--config=configs/tiny.py', f'--workdir={tmp_path}', override)
-  assert result.returncode == 1, result.stderr[-3000:]
+  assert result.returncode == errors.USER_ERROR_EXIT_CODE, result.stderr[-3000:]
   error = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
-  assert error and message in result.stderr, result.stderr[-3000:]
+  assert len(error) == 1 and message in error[0], result.stderr[-3000:]
   assert 'Traceback' not in result.stderr
 
 
@@ -54,16 +55,16 @@ def test_missing_dataset_names_the_commands_to_prepare_it(tmp_path):
   result = _main('--config=configs/tiny.py', f'--workdir={tmp_path}', '--config.data.name=cifar10',
                  '--config.model.image_size=32', '--config.model.channels=3', '--config.model.attn_resolutions=(16,)',
                  f'--config.data.data_dir={tmp_path / "tfds"}')
-  assert result.returncode == 1, result.stderr[-3000:]
+  assert result.returncode == errors.USER_ERROR_EXIT_CODE, result.stderr[-3000:]
   assert 'download_and_prepare' in result.stderr and 'Traceback' not in result.stderr
 
 
 def test_bucket_workdir_is_refused(tmp_path):
   result = _main('--config=configs/tiny.py', '--workdir=gs://bucket/run')
-  assert result.returncode == 1 and 'POSIX' in result.stderr
+  assert result.returncode == errors.USER_ERROR_EXIT_CODE and 'POSIX' in result.stderr
 
 
 def test_optional_keys_can_be_set_from_the_command_line(tmp_path):
   result = _main('--config=configs/tiny.py', f'--workdir={tmp_path}', '--mode=distill',
                  '--config.distill.teacher=/no/such/teacher')
-  assert result.returncode == 1 and 'no teacher to distil at /no/such/teacher' in result.stderr, result.stderr[-2000:]
+  assert result.returncode == errors.USER_ERROR_EXIT_CODE and 'no teacher to distil at /no/such/teacher' in result.stderr, result.stderr[-2000:]

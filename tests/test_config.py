@@ -61,3 +61,28 @@ def test_validation_names_the_key_and_the_fix():
   ):
     with pytest.raises(errors.ConfigError, match=message):
       config_lib.validate(tiny.load_config(**overrides))
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'teacher.optimizer.learning_rate': -1.0}, r'teacher\.optimizer\.learning_rate: must be > 0'),
+    ({'latent.optimizer.learning_rate': 0.0}, r'latent\.optimizer\.learning_rate: must be > 0'),
+    ({'sample.num_steps': 0}, r'sample\.num_steps: must be >= 1, or None'),
+    ({'sample.num_steps': -2}, r'sample\.num_steps: must be >= 1, or None'),
+    ({'evaluate.num_steps': 0}, r'evaluate\.num_steps: must be >= 1, or None'),
+    ({'data.name': 'mnist'}, r"data\.name: unknown source 'mnist'"),
+    ({'data.split': 'test'}, r"data\.split: digits has no split 'test'"),
+    ({'data.name': 'cifar10', 'data.split': 'valid[:10%]'}, r"data\.split: cifar10 has no split 'valid\[:10%\]'"),
+    ({'evaluate.reference_split': 'held_out'}, r"evaluate\.reference_split: digits has no split"),
+    ({'allow_changes': ('',)}, r'allow_changes: must be config keys'),
+])
+def test_values_that_cannot_work_are_refused_naming_the_key(overrides, message):
+  with pytest.raises(errors.ConfigError, match=message):
+    config_lib.validate(tiny.load_config(**overrides))
+
+
+def test_known_splits_and_slices_pass():
+  for overrides in ({'sample.num_steps': None}, {'sample.num_steps': 3}, {'data.split': 'all'},
+                    {'data.name': 'cifar10', 'data.split': 'train[:10%]', 'model.image_size': 32, 'model.channels': 3,
+                     'model.attn_resolutions': (16,)},
+                    {'allow_changes': ('distill.optimizer',)}):
+    config_lib.validate(tiny.load_config(**overrides))

@@ -96,7 +96,7 @@ def test_npz_round_trip(tmp_path):
   np.testing.assert_array_equal(src.labels, labels)
   assert src.num_classes == labels.max() + 1 and src.name == 'npz:mine'
   # Shapes must match the config: no silent resizing of a user's data.
-  with pytest.raises(ValueError, match='image_size=8, data.channels=3'):
+  with pytest.raises(errors.DataError, match='model.image_size=8, model.channels=3'):
     data.load_source(_config(name='npz', image_size=16, channels=3, path=path))
   unlabelled = str(tmp_path / 'unlabelled.npz')
   np.savez(unlabelled, images=images)
@@ -104,6 +104,37 @@ def test_npz_round_trip(tmp_path):
   assert src.num_classes == 1 and not src.labels.any()
   with pytest.raises(errors.DatasetNotFoundError, match='images'):
     data.npz(str(tmp_path / 'missing.npz'))
+
+
+_IMAGES = np.zeros((4, 8, 8, 1), np.uint8)
+
+
+@pytest.mark.parametrize('arrays, message', [
+    (dict(images=_IMAGES.astype(np.float32)), "'images' are float32, not uint8 .from floats"),
+    (dict(images=np.full((4, 8, 8, 1), np.nan, np.float32)), 'not uint8'),
+    (dict(images=np.zeros((4, 8), np.uint8)), 'have shape \\(4, 8\\)'),
+    (dict(images=np.zeros((0, 8, 8, 1), np.uint8)), 'no empty axis'),
+    (dict(pictures=_IMAGES), "has no 'images' array .its arrays: \\['pictures'\\]"),
+    (dict(images=_IMAGES, labels=np.zeros((3,), np.int32)), "'labels' are int32 \\(3,\\)"),
+    (dict(images=_IMAGES, labels=np.zeros((4,), np.float32)), "'labels' are float32"),
+    (dict(images=_IMAGES, labels=np.array([0, 1, -1, 0])), 'down to -1'),
+    (dict(images=_IMAGES, labels=np.array([0, 1, 5, 0]), num_classes=np.int64(3)), "'num_classes' is 3 but a label is 5"),
+    (dict(images=_IMAGES, num_classes=np.array([3, 4])), "'num_classes' is int64 \\(2,\\)"),
+    (dict(images=np.array([{'a': 1}] * 4, dtype=object)), 'Python objects, which is never loaded'),
+])
+def test_every_npz_defect_is_a_data_error_naming_it(tmp_path, arrays, message):
+  path = str(tmp_path / 'bad.npz')
+  np.savez(path, **arrays)
+  with pytest.raises(errors.DataError, match=message) as raised:
+    data.npz(path)
+  assert path in str(raised.value) and 'An npz dataset holds' in str(raised.value)
+
+
+def test_a_file_that_is_not_an_npz_is_a_data_error(tmp_path):
+  path = tmp_path / 'garbage.npz'
+  path.write_bytes(np.random.default_rng(0).integers(0, 256, 1000, dtype=np.uint8).tobytes())
+  with pytest.raises(errors.DataError, match='cannot be read as an .npz'):
+    data.npz(str(path))
 
 
 def _write_idx(path, array):
@@ -343,7 +374,7 @@ def test_tfds_cifar10_reads_without_tensorflow(tmp_path):
     streamed_batch = streamed.get(2, 3)
     # Small TFDS datasets are read into memory once; their batches equal the streamed ones.
     in_memory = _batches(src, global_batch_size=4, seed=0, random_flip=True)
-    with pytest.raises(ValueError, match='image_size=32, data.channels=3'):
+    with pytest.raises(errors.DataError, match='model.image_size=32, model.channels=3'):
       data.load_source(_config(name='cifar10', image_size=16, channels=3, data_dir=str(tmp_path)))
   assert isinstance(src, data.TfdsSource) and len(src) == 12
   assert src.image_shape == (32, 32, 3) and src.num_classes == 10 and 'cifar10' in src.describe()

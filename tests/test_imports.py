@@ -10,7 +10,8 @@
   sferd/                        the paper's two mechanisms: the guided teacher, the semantic predictor
   models/                       architectures
   diffusion/  data/  sharding   the maths  |  sources and batches  |  meshes and jit
-  errors files images layout progress   what every layer may use
+  files images layout progress  atomic writes and the lock | grids | run-folder paths | ETAs
+  errors                        the user's errors: every layer may raise them
 """
 
 import ast
@@ -21,7 +22,8 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # Bottom to top. A module may import its own unit (module or subpackage) and any unit of a lower layer, never one
 # beside it: training and evaluation know nothing of each other.
 LAYERS = (
-    ('errors', 'files', 'images', 'layout', 'progress'),
+    ('errors',),
+    ('files', 'images', 'layout', 'progress'),
     ('diffusion', 'data', 'sharding'),
     ('models',),
     ('sferd',),

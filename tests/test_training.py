@@ -142,7 +142,7 @@ def test_resume_with_another_architecture_is_refused(tmp_path, monkeypatch):
     pipeline.run_phase(config, workdir, 'teacher')
   monkeypatch.setattr(phases, 'make_batches', real)
   changed = tiny.load_config(**{'model.ch': 32})
-  with pytest.raises(errors.IncompatibleRunError, match="different 'model'"):
+  with pytest.raises(errors.IncompatibleRunError, match=r'model\.ch: saved 16, now 32'):
     pipeline.run_phase(changed, workdir, 'teacher')
 
 
@@ -168,25 +168,32 @@ def test_nan_loss_stops_with_a_clear_error_and_saves_nothing(tmp_path, monkeypat
       return It()
 
   monkeypatch.setattr(phases, 'make_batches', lambda *a, **k: NaNBatches(real(*a, **k)))
-  with pytest.raises(errors.TrainingDivergedError, match='Lower the learning rate'):
+  with pytest.raises(errors.TrainingDivergedError, match=r'teacher\.optimizer\.learning_rate=<lower> '
+                                                         r'--config\.allow_changes='):
     pipeline.run_phase(config, str(tmp_path), 'teacher')
   assert checkpointing.PhaseCheckpoints(str(tmp_path / 'teacher'), keep=2).latest_step() is None
 
 
-def test_corrupt_checkpoint_gives_a_clear_error(tmp_path, monkeypatch):
+def test_an_unreadable_checkpoint_is_set_aside_and_the_phase_starts_over(tmp_path, monkeypatch):
+  """Every file of the only checkpoint overwritten: it is moved to corrupt_checkpoints/ (kept), and the phase
+  trains from step 0 to the same model as an uninterrupted run."""
   config = tiny.load_config()
+  pipeline.run_phase(config, str(tmp_path / 'straight'), 'teacher')
+  workdir = str(tmp_path / 'run')
   real = phases.make_batches
   monkeypatch.setattr(phases, 'make_batches', lambda *a, **k: _Interrupting(real(*a, **k), after=4))
   with pytest.raises(KeyboardInterrupt):
-    pipeline.run_phase(config, str(tmp_path), 'teacher')
+    pipeline.run_phase(config, workdir, 'teacher')
   monkeypatch.setattr(phases, 'make_batches', real)
-  state_dir = tmp_path / 'teacher' / 'checkpoints' / '2' / 'state'
+  state_dir = os.path.join(workdir, 'teacher', 'checkpoints', '2', 'state')
   for root, _, files in os.walk(state_dir):
     for name in files:
       with open(os.path.join(root, name), 'wb') as f:
         f.write(b'garbage')
-  with pytest.raises(errors.CheckpointError, match='Move that folder aside'):
-    pipeline.run_phase(config, str(tmp_path), 'teacher')
+  pipeline.run_phase(config, workdir, 'teacher')
+  assert [name.split('_')[0] for name in os.listdir(os.path.join(workdir, 'teacher', 'corrupt_checkpoints'))] == ['2']
+  jax.tree.map(np.testing.assert_array_equal, exports.load(str(tmp_path / 'straight')).params,
+               exports.load(workdir).params)
 
 
 def test_load_errors_name_the_problem(tmp_path):
@@ -257,8 +264,11 @@ def test_lowering_train_steps_below_an_unfinished_run_is_refused(tmp_path, monke
   with pytest.raises(KeyboardInterrupt):
     pipeline.run_phase(config, str(tmp_path), 'teacher')  # killed after step 3; the last checkpoint is step 2
   monkeypatch.setattr(phases, 'make_batches', real)
-  with pytest.raises(errors.IncompatibleRunError, match='past train_steps=1'):
+  with pytest.raises(errors.IncompatibleRunError, match='teacher.train_steps: saved 4, now 1'):
     pipeline.run_phase(tiny.load_config(**{'teacher.train_steps': 1}), str(tmp_path), 'teacher')
+  allowed = {'teacher.train_steps': 1, 'allow_changes': ('teacher.train_steps',)}
+  with pytest.raises(errors.IncompatibleRunError, match='past train_steps=1'):
+    pipeline.run_phase(tiny.load_config(**allowed), str(tmp_path), 'teacher')
 
 
 def test_resume_with_steps_per_call_not_dividing_the_checkpoint_is_refused(tmp_path, monkeypatch):

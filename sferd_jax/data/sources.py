@@ -19,6 +19,9 @@ from sferd_jax import errors
 
 DATA_CONFIG_KEYS = ('name', 'image_size', 'channels', 'data_dir', 'random_flip', 'split', 'path')
 SOURCE_NAMES = ('digits', 'fashion_mnist', 'fashion_mnist_tfds', 'cifar10', 'imagenet64', 'npz')
+# The splits each source has; TFDS sources also take slices ('train[:10%]'); an npz file has one, named freely.
+SPLITS = {'digits': ('train', 'all'), 'fashion_mnist': ('train', 'test'), 'fashion_mnist_tfds': ('train', 'test'),
+          'cifar10': ('train', 'test'), 'imagenet64': ('train', 'validation', 'test')}
 
 # Where Debian's `dataset-fashion-mnist` package puts the idx files (`dpkg -L dataset-fashion-mnist`).
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
@@ -249,17 +252,62 @@ def fashion_mnist(split: str = 'train', data_dir: Optional[str] = None, image_si
 # A user's .npz file.
 
 
+def check_split(name, split):
+  """Raises ValueError when source `name` has no split `split` (or `name` is unknown)."""
+  if name not in SOURCE_NAMES:
+    raise ValueError(f'unknown data.name {name!r}; known: {SOURCE_NAMES}')
+  base = split.split('[')[0] if name in TFDS_DATASETS else split
+  if name in SPLITS and base not in SPLITS[name]:
+    raise ValueError(f'{name} has no split {split!r}; its splits are {SPLITS[name]}'
+                     + (" (and slices such as 'train[:10%]')" if name in TFDS_DATASETS else ''))
+
+
+NPZ_FORMAT = ("'images' uint8 (N, H, W, C) or (N, H, W) with N >= 1, optionally 'labels' (N,) of ints >= 0 and "
+              "'num_classes' (a scalar int above every label)")
+
+
 def npz(path: str, split: str = 'train') -> ArraySource:
-  """`images` uint8 (N, H, W, C) and optional `labels` (N,) (and optional scalar `num_classes`)."""
+  """`images` uint8 (N, H, W, C) and optional `labels` (N,) (and optional scalar `num_classes`).
+
+  Every defect of the file is an errors.DataError that names it and the format expected.
+  """
   if not path or not os.path.isfile(path):
-    raise errors.DatasetNotFoundError(f"npz dataset: no file at data.path={path!r}; it must hold 'images' uint8 "
-                                      "(N, H, W, C) and optionally 'labels' (N,) int")
-  with np.load(path) as f:
-    if 'images' not in f:
-      raise ValueError(f"{path} has no 'images' array (keys: {sorted(f.keys())})")
-    images = f['images']
-    labels = f['labels'] if 'labels' in f else None
-    num_classes = int(f['num_classes']) if 'num_classes' in f else None
+    raise errors.DatasetNotFoundError(f'npz dataset: no file at data.path={path!r}; it must hold {NPZ_FORMAT}')
+
+  def defect(what):
+    return errors.DataError(f'{path}: {what}. An npz dataset holds {NPZ_FORMAT}.')
+
+  with open(path, 'rb') as f:
+    if f.read(4) != b'PK\x03\x04':  # numpy would take anything else for a pickle
+      raise defect('cannot be read as an .npz (it is not a zip archive; write it with np.savez)')
+  try:
+    with np.load(path, allow_pickle=False) as f:  # never unpickle a data file
+      arrays = {k: f[k] for k in f.keys()}
+  except ValueError as e:  # numpy refuses object arrays without allow_pickle
+    raise defect(f'holds an array of Python objects, which is never loaded ({e})') from None
+  except Exception as e:  # pylint: disable=broad-except  (not a zip, truncated, not an npz at all)
+    raise defect(f'cannot be read as an .npz ({type(e).__name__}: {e})') from None
+  if 'images' not in arrays:
+    raise defect(f"has no 'images' array (its arrays: {sorted(arrays)})")
+  images, labels = arrays['images'], arrays.get('labels')
+  if images.dtype != np.uint8:
+    hint = ' (from floats in [0, 1]: (x * 255).round().astype(np.uint8))' if images.dtype.kind == 'f' else ''
+    raise defect(f"'images' are {images.dtype}, not uint8{hint}")
+  if images.ndim not in (3, 4) or not len(images) or 0 in images.shape:
+    raise defect(f"'images' have shape {images.shape}; need (N, H, W, C) or (N, H, W) with no empty axis")
+  if labels is not None:
+    if labels.dtype.kind not in 'iu' or labels.shape != (len(images),):
+      raise defect(f"'labels' are {labels.dtype} {labels.shape}; need ints of shape ({len(images)},)")
+    if labels.min() < 0:
+      raise defect(f"'labels' go down to {labels.min()}; they must be >= 0")
+  num_classes = None
+  if 'num_classes' in arrays:
+    value = arrays['num_classes']
+    if value.shape != () or value.dtype.kind not in 'iu':
+      raise defect(f"'num_classes' is {value.dtype} {value.shape}; need a scalar int")
+    num_classes = int(value)
+    if labels is not None and num_classes <= labels.max():
+      raise defect(f"'num_classes' is {num_classes} but a label is {labels.max()}")
   name = os.path.splitext(os.path.basename(path))[0]
   return ArraySource(images, labels, name=f'npz:{name}', split=split, num_classes=num_classes)
 
@@ -373,9 +421,9 @@ def _read_config(data_config: Any) -> dict[str, Any]:
 def _check_shape(source: Source, image_size: int, channels: int):
   want = (image_size, image_size, channels)
   if tuple(source.image_shape) != want:
-    raise ValueError(f'{source.describe()}, but the config asks for image_size={image_size}, channels={channels}. '
-                     f'Set data.image_size={source.image_shape[0]}, data.channels={source.image_shape[2]} '
-                     f'(only digits and fashion_mnist are resized).')
+    raise errors.DataError(f'{source.describe()}, but the config asks for image_size={image_size}, '
+                           f'channels={channels}. Set model.image_size={source.image_shape[0]}, '
+                           f'model.channels={source.image_shape[2]} (only digits and fashion_mnist are resized).')
 
 
 def load_source(data_config: Mapping[str, Any], split: Optional[str] = None) -> Source:

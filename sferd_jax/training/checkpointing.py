@@ -2,15 +2,21 @@
 
 A phase (the teacher, one distillation stage, ...) writes `<dir>/checkpoints/<step>/{state,meta}` with an Orbax
 CheckpointManager: `state` is the TrainState, `meta` a JSON dict (the config the run was started with, the stage,
-a fingerprint of the teacher).
+a fingerprint of the teacher, and the fingerprint of the state itself, so that a restore can tell a corrupt
+checkpoint from a good one). A corrupt checkpoint is moved to `<dir>/corrupt_checkpoints/`, never deleted, and the
+phase resumes from the newest good one.
 """
 
 import os
+import time
 
+from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from sferd_jax import errors
+from sferd_jax import exports
 
 
 def _abstract(tree):
@@ -38,8 +44,46 @@ class PhaseCheckpoints:
     return self.manager.latest_step()
 
   def save(self, step, state, meta):
-    self.manager.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                         meta=ocp.args.JsonSave(meta)), force=True)
+    """Saves state with meta and the state's fingerprint; a state holding NaN or Inf is never saved."""
+    fingerprint, nonfinite = exports.digest(state)
+    if nonfinite:
+      raise errors.TrainingDivergedError(f'{self.directory}: the state at step {step} holds NaN or Inf in '
+                                         f'{nonfinite[:5]}; not saved. The last good checkpoint is kept.')
+    self.manager.save(int(step), args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta, state_fingerprint=fingerprint))),
+                      force=True)
+
+  def restore_latest(self, like_state, *, check):
+    """(state, meta) of the newest checkpoint that reads back whole: its record readable, its values matching the
+    fingerprint saved with them (checkpoints from before fingerprints: all finite). Each bad one on the way is set
+    aside with a warning. check(meta) runs on each record first: a checkpoint of other settings is not corrupt,
+    and its error propagates. (None, None) when no good checkpoint is left."""
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        check(self.restore_meta(step))
+        state, meta = self.restore(step, like_state)
+      except errors.CheckpointError as e:
+        self._set_aside(step, str(e))
+        continue
+      found, nonfinite = exports.digest(state)
+      expected = meta.get('state_fingerprint')
+      if (expected and found != expected) or nonfinite:
+        self._set_aside(step, f'its values do not match the fingerprint saved with them ({found} != {expected})'
+                        if expected and found != expected else f'it holds NaN or Inf in {nonfinite[:5]}')
+        continue
+      return state, meta
+    return None, None
+
+  def _set_aside(self, step, why):
+    """Moves a bad checkpoint to <phase>/corrupt_checkpoints/<step>_<time> (never deletes it)."""
+    aside = os.path.join(os.path.dirname(self.directory), 'corrupt_checkpoints', f'{step}_{int(time.time())}')
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(aside), exist_ok=True)
+      os.replace(os.path.join(self.directory, str(step)), aside)
+    multihost_utils.sync_global_devices(f'set aside {self.directory}/{step}')
+    logging.warning('the checkpoint %s/%d is corrupt (%s); moved it to %s and resuming from an earlier one',
+                    self.directory, step, why, aside)
+    self.manager.reload()
 
   def restore_meta(self, step):
     try:
@@ -58,9 +102,8 @@ class PhaseCheckpoints:
 
   def _unreadable(self, step, error):
     return errors.CheckpointError(
-        f'the checkpoint {self.directory}/{step} cannot be restored ({type(error).__name__}: {error}). It is '
-        f'corrupt or was written by an incompatible model or version. Move that folder aside to resume from an '
-        f'earlier checkpoint, or start afresh in a new --workdir.')
+        f'the checkpoint {self.directory}/{step} cannot be restored ({type(error).__name__}: {error}): it is '
+        f'corrupt or was written by an incompatible model or version')
 
   def wait(self):
     self.manager.wait_until_finished()

@@ -39,6 +39,10 @@ class Phase:
   extra_args: tuple = ()                        # replicated arguments after rng (teacher params, step count)
   meta: dict = dataclasses.field(default_factory=dict)  # must match on resume (config, teacher fingerprint)
   sample_fn: Optional[Callable[[Any], np.ndarray]] = None  # params -> uint8 images, for grids
+  # The config key each top-level meta key comes from (None: not a setting, e.g. a teacher's fingerprint), so a
+  # refused resume names the key to change, and config.allow_changes can let a resume change it.
+  config_keys: dict = dataclasses.field(default_factory=dict)
+  allow_changes: tuple = ()                     # config keys (or their prefixes) a resume may change
 
 
 def cost_flops(lowered):
@@ -77,14 +81,15 @@ def _read_metrics(path):
   """(step, line) of each record in metrics.jsonl. A line that does not parse (one a kill cut short) is skipped
   with a warning: losing a log line must not stop a resume."""
   records = []
-  with open(path) as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
+  with open(path, 'rb') as f:  # bytes: a line that is not UTF-8 is one more unreadable line, not an error
+    for number, raw in enumerate(f, 1):
+      if not raw.strip():
         continue
       try:
+        line = raw.decode('utf-8')
         records.append((int(json.loads(line)['step']), line.rstrip('\n') + '\n'))
-      except (ValueError, KeyError, TypeError):
-        logging.warning('%s: skipping unreadable line %d: %.80r', path, number, line)
+      except (ValueError, KeyError, TypeError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        logging.warning('%s: skipping unreadable line %d: %.80r', path, number, raw)
   return records
 
 
@@ -107,14 +112,41 @@ class MetricsLog:
         f.write(json.dumps(record) + '\n')
 
 
-def _check_meta(phase, saved_meta):
-  saved = saved_meta.get('config', {})
-  for key, value in config_lib.to_json(phase.meta).items():
-    if key in saved and saved[key] != value:
-      raise errors.IncompatibleRunError(
-          f'{phase.directory} holds a run of {phase.name} started with a different {key!r}:\n  saved:   '
-          f'{saved[key]}\n  now:     {value}\nIt is never overwritten. Use a new --workdir, or restore the config '
-          f'the run was started with.')
+def record_diff(saved, now, prefix=''):
+  """[(key path, saved value, new value)] where two records differ; keys one of them lacks (a record written before
+  the key existed) are not compared."""
+  if isinstance(saved, dict) and isinstance(now, dict):
+    return [d for k in now if k in saved for d in record_diff(saved[k], now[k], f'{prefix}{k}.')]
+  return [] if saved == now else [(prefix.rstrip('.'), saved, now)]
+
+
+def config_key(phase, path):
+  """The config key of a meta key path ('training.optimizer.learning_rate' -> 'distill.optimizer.learning_rate'),
+  or None when the value is not a setting of this config (a fingerprint of an earlier phase's export)."""
+  top, _, rest = path.partition('.')
+  base = phase.config_keys.get(top)
+  return None if base is None else '.'.join(p for p in (base, rest) if p)
+
+
+def allowed(key, allow_changes):
+  return key is not None and any(key == a or key.startswith(a + '.') for a in allow_changes)
+
+
+def check_resume(phase, saved_meta):
+  """The differences between phase.meta and a checkpoint's record that config.allow_changes lets this resume make
+  ([{'key', 'saved', 'now'}]); any other difference is an IncompatibleRunError listing each one and its fix."""
+  diffs = [(config_key(phase, path), path, a, b)
+           for path, a, b in record_diff(saved_meta.get('config', {}), config_lib.to_json(phase.meta))]
+  if any(not allowed(key, phase.allow_changes) for key, *_ in diffs):
+    listed = '; '.join(f'{key or path}: saved {a!r}, now {b!r}' + ('' if key else ' (an earlier phase\'s export)')
+                       for key, path, a, b in diffs)
+    keys = tuple(key for key, *_ in diffs if key)
+    fix = (f'To continue it with the new values, rerun with --config.allow_changes="{keys!r}" (the change is '
+           f'recorded in its checkpoints and summary). ' if keys and all(key for key, *_ in diffs) else '')
+    raise errors.IncompatibleRunError(
+        f'{phase.directory} holds a run of {phase.name} started with other settings: {listed}. It is never '
+        f'overwritten. {fix}Otherwise restore the settings it was started with, or use a new --workdir.')
+  return [dict(key=key, saved=a, now=b) for key, _, a, b in diffs]
 
 
 # step function -> {argument signature: (compiled, seconds, flops)}. Distillation stages pass the same step
@@ -194,16 +226,27 @@ def run_phase(phase, *, batches, mesh, rng):
   ckpts = checkpointing.PhaseCheckpoints(phase.directory, keep=cfg.keep_checkpoints)
   latest = ckpts.latest_step()
   if latest is not None:
-    _check_meta(phase, ckpts.restore_meta(latest))  # before any compilation: a refused resume fails at once
-  _check_steps_per_call(phase, latest)
+    try:
+      check_resume(phase, ckpts.restore_meta(latest))  # before any compilation: a refused resume fails at once
+    except errors.CheckpointError:
+      pass  # an unreadable record: restore_latest below sets that checkpoint aside
   state = jax.jit(phase.init_state, out_shardings=sharding.replicated(mesh))(
       *sharding.put_replicated(tuple(phase.init_args), mesh))
-  elapsed_before, saved_meta = 0.0, {}
-  if latest is not None:
-    state, saved_meta = ckpts.restore(latest, state)
-    elapsed_before = saved_meta.get('elapsed_s', 0.0)
-    logging.info('%s: resuming from the checkpoint at step %d', phase.name, latest)
+  restored, saved_meta = ckpts.restore_latest(state, check=lambda meta: check_resume(phase, meta))
+  changes = []
+  if restored is not None:
+    state = restored
+    changes = saved_meta.get('changes', []) + [dict(step=int(state.step), **c)
+                                               for c in check_resume(phase, saved_meta)]
+    for change in changes[len(saved_meta.get('changes', [])):]:
+      logging.warning('%s: resuming at step %d with %s changed from %r to %r (config.allow_changes)', phase.name,
+                      change['step'], change['key'], change['saved'], change['now'])
+    logging.info('%s: resuming from the checkpoint at step %d', phase.name, int(state.step))
+  else:
+    saved_meta = {}
+  elapsed_before = saved_meta.get('elapsed_s', 0.0)
   start_step = int(state.step)
+  _check_steps_per_call(phase, start_step or None)
   if start_step >= cfg.train_steps:
     ckpts.close()
     if 'summary' not in saved_meta:
@@ -230,10 +273,13 @@ def run_phase(phase, *, batches, mesh, rng):
   def record_of(step, metrics):
     values = {k: float(np.mean(v)) for k, v in jax.device_get(metrics).items()}
     if not all(math.isfinite(v) for v in values.values()):
+      section = phase.config_keys.get('training', '<section>')
       raise errors.TrainingDivergedError(
           f'{phase.name}: the loss became {values["loss"]} by step {step} (metrics {values}). The last good '
-          f'checkpoint is kept in {ckpts.directory}. Lower the learning rate or enable/tighten grad_clip in the '
-          f'config, check the data, then run the same command again to resume.')
+          f'checkpoint is kept in {ckpts.directory}. To resume from it with a lower learning rate, run the same '
+          f'command with --config.{section}.optimizer.learning_rate=<lower> '
+          f'--config.allow_changes="(\'{section}.optimizer.learning_rate\',)" (or tighten grad_clip the same way), '
+          f'after checking the data.')
     return dict(step=step, **values)
 
   def summarize():
@@ -241,12 +287,13 @@ def run_phase(phase, *, batches, mesh, rng):
                 wall_s=elapsed_before + time.perf_counter() - run_start,
                 images_per_s=last_record['images_per_s'], compile_s=compile_s,
                 gflop_per_step=flops / per_call / 1e9 if flops else None,
-                **{f'final_{k}': last_record[k] for k in phase_metrics(last_record)})
+                **{f'final_{k}': last_record[k] for k in phase_metrics(last_record)},
+                **({'changes': changes} if changes else {}))
 
   def save(step):
     nonlocal summary
     meta = {'config': config_lib.to_json(phase.meta), 'phase': phase.name, 'step': step,
-            'elapsed_s': elapsed_before + time.perf_counter() - run_start}
+            'elapsed_s': elapsed_before + time.perf_counter() - run_start, 'changes': changes}
     if step == cfg.train_steps:  # the finished phase's summary travels with its last checkpoint
       meta['summary'] = summary = summarize()
     ckpts.save(step, state, meta)

@@ -6,6 +6,7 @@ Adding a phase is a step in steps.py, a spec builder and a jobs function below, 
 
 import dataclasses
 import functools
+import hashlib
 import os
 from typing import Any, Callable, Optional
 
@@ -34,6 +35,11 @@ from sferd_jax.training import steps as steps_lib
 # the same steps into calls; distill's stage keys are covered by student_steps and the teacher fingerprint.)
 RESUMABLE_KEYS = ('log_every', 'checkpoint_every', 'keep_checkpoints', 'sample_every', 'steps_per_call', 'teacher',
                   'start_num_steps', 'end_num_steps')
+# The config key of each top-level key of a phase's resume record (loop.Phase.config_keys); 'training' and 'loss'
+# are the phase's own section. Fingerprints of earlier exports (teacher, student, encoder) are not settings.
+META_CONFIG_KEYS = {'model': 'model', 'diffusion': 'diffusion', 'data': 'data', 'seed': 'seed',
+                    'attention_guidance': 'sferd.attention_guidance', 'semantic': 'sferd.semantic',
+                    'latent': 'sferd.latent', 'num_classes': 'model.num_classes'}
 # Model keys that change how a model runs but not its parameters: a teacher trained with dropout 0.2 is
 # distilled with dropout 0 (as in progressive distillation), and a float32 export may run in bfloat16.
 NOT_ARCHITECTURE = ('dropout', 'dtype')
@@ -99,7 +105,9 @@ def train_and_export(spec, job, *, config, mesh):
   inputs = job.prepare()
   phase = loop.Phase(name=job.name, directory=job.directory, train_config=spec.train_config, step=spec.step,
                      init_state=spec.init, init_args=inputs.init_args, extra_args=inputs.extra_args,
-                     meta=dict(spec.meta, **inputs.meta), sample_fn=inputs.sample_fn)
+                     meta=dict(spec.meta, **inputs.meta), sample_fn=inputs.sample_fn,
+                     config_keys=dict(META_CONFIG_KEYS, training=spec.name, loss=f'{spec.name}.loss'),
+                     allow_changes=tuple(config.allow_changes))
   state, summary = loop.run_phase(phase, batches=inputs.batches, mesh=mesh, rng=inputs.rng)
   info = dict(inputs.info, summary=summary)
   exports.export_model(export, trees={'params': state.export_params, **inputs.extra_trees}, info=info)
@@ -146,7 +154,36 @@ def semantic_settings(config, *, training=False):
 def model_info(config, *, name, phase, num_steps, **extra):
   """model.json of a U-Net's export: what load() and the next stage need to know."""
   return dict(name=name, phase=phase, num_steps=num_steps, model=config.model.to_dict(),
-              diffusion=config.diffusion.to_dict(), **extra)
+              diffusion=config.diffusion.to_dict(), data=data_record(config), **extra)
+
+
+def data_record(config):
+  """What a phase was trained on, for its resumes and the phases after it to compare: the data section with the
+  image shape, and for a file dataset (npz) a fingerprint of the file's bytes, so a changed file is caught too."""
+  record = data_lib.data_config(config)
+  if config.data.name == 'npz' and config.data.path and os.path.isfile(config.data.path):
+    digest = hashlib.sha256()
+    with open(config.data.path, 'rb') as f:
+      for chunk in iter(lambda: f.read(1 << 20), b''):
+        digest.update(chunk)
+    record['content'] = digest.hexdigest()[:16]
+  return record
+
+
+def check_provenance(config, export_path, what):
+  """An earlier phase's export must have been trained on config's data (where its model.json records it), or
+  `what` would build on a model of other data. config.allow_changes ('data', 'data.<key>') lets it."""
+  saved = exports.read_info(export_path).get('data')
+  diffs = [(f'data.{k}', a, b) for k, a, b in loop.record_diff(saved or {}, config_lib.to_json(data_record(config)))]
+  refused = [d for d in diffs if not loop.allowed(d[0], tuple(config.allow_changes))]
+  if refused:
+    raise errors.IncompatibleRunError(
+        f'{what} would build on {export_path}, which was trained on other data: '
+        + '; '.join(f'{key}: there {a!r}, now {b!r}' for key, a, b in refused)
+        + f'. Restore the data config it was trained with, use a new --workdir, or, to build on it anyway, rerun '
+        f'with --config.allow_changes="{tuple(key for key, *_ in refused)!r}".')
+  for key, a, b in diffs:
+    logging.warning('%s builds on %s, trained with %s=%r; now %r (config.allow_changes)', what, export_path, key, a, b)
 
 
 def check_architecture(export_path, config):
@@ -237,7 +274,8 @@ def teacher_spec(config):
                                      schedule=schedule)
   return PhaseSpec(name='teacher', train_config=train_config, step=step, init=init, create=create, seed=config.seed,
                    meta=dict(model=config.model.to_dict(), diffusion=config.diffusion.to_dict(),
-                             data=data_lib.data_config(config), seed=config.seed, loss=train_config.loss))
+                             data=data_record(config), seed=config.seed, loss=train_config.loss,
+                             training=training_meta(train_config)))
 
 
 def teacher_jobs(config, run, spec, mesh):
@@ -264,7 +302,7 @@ def distill_spec(config):
   return PhaseSpec(name='distill', train_config=train_config, step=step, init=create, create=create,
                    seed=config.seed + 1,
                    meta=dict(model=config.model.to_dict(), diffusion=config.diffusion.to_dict(),
-                             data=data_lib.data_config(config), seed=config.seed, loss=train_config.loss,
+                             data=data_record(config), seed=config.seed, loss=train_config.loss,
                              attention_guidance=guidance_meta(config), training=training_meta(train_config)))
 
 
@@ -276,6 +314,7 @@ def distill_jobs(config, run, spec, mesh):
 
     def prepare(stage=stage, student_steps=student_steps):
       teacher = stage_teacher_path(config, run.workdir, stage)
+      check_provenance(config, teacher, f'distillation stage {stage}')
       teacher_params = exports.load(teacher, sharding=sharding.replicated(mesh)).params  # enters the steps
       fingerprint = exports.fingerprint(teacher_params)
       # Every stage reads the same examples in the same order; only its noise key differs, folded from the stage
@@ -314,7 +353,7 @@ def semantic_spec(config):
 
   return PhaseSpec(name='semantic', train_config=train_config, step=step, init=init, create=create,
                    seed=config.seed + 2,
-                   meta=dict(semantic=semantic_settings(config, training=True), data=data_lib.data_config(config),
+                   meta=dict(semantic=semantic_settings(config, training=True), data=data_record(config),
                              seed=config.seed, loss=train_config.loss, attention_guidance=guidance_meta(config),
                              training=training_meta(train_config)))
 
@@ -327,6 +366,7 @@ def semantic_jobs(config, run, spec, mesh):
 
     def prepare(stage=stage):
       student_path = finished_stage(run, stage, 'the semantic phase')
+      check_provenance(config, student_path, f'the semantic predictor of stage {stage}')
       student = exports.load(student_path, sharding=replicated)
       teacher_params = load_stage_teacher(config, run.workdir, stage, student, sharding=replicated)
       num_steps = student.config.num_steps
@@ -336,7 +376,7 @@ def semantic_jobs(config, run, spec, mesh):
                     extra_args=(student.params, teacher_params, jnp.int32(num_steps)),
                     sample_fn=grids.reconstruction_sampler(config, student, batches().get(0)),
                     info=dict(name=f'stage_{stage}_semantic', phase='semantic', stage=stage, num_steps=num_steps,
-                              semantic=semantic_settings(config), student=student_path))
+                              semantic=semantic_settings(config), student=student_path, data=data_record(config)))
 
     student_steps = config.distill.start_num_steps // 2**stage
     yield Job(f'semantic stage {stage} ({student_steps}-step student)', run.semantic_dir(stage), prepare)
@@ -357,7 +397,8 @@ def latent_spec(config):
   return PhaseSpec(name='latent', train_config=train_config, step=step, create=create, seed=config.seed + 3,
                    init=lambda rng: create(latent_lib.init_latent_params(model, rng, dim=dim)),
                    meta=dict(latent=config.sferd.latent.to_dict(), seed=config.seed, loss=train_config.loss,
-                             num_classes=int(config.model.num_classes)))
+                             num_classes=int(config.model.num_classes), training=training_meta(train_config),
+                             data=data_record(config)))
 
 
 def latent_jobs(config, run, spec, mesh):
@@ -373,6 +414,7 @@ def latent_jobs(config, run, spec, mesh):
       if not layout.is_exported(semantic_path):
         raise errors.CheckpointError(f'the latent phase needs the semantic predictor of stage {stage} at '
                                      f'{semantic_path}; run the semantic phase first.')
+      check_provenance(config, semantic_path, f'the latent model of stage {stage}')
       semantic_params = exports.load_semantic_params(semantic_path, config.model, config.sferd.semantic)
       source = data_lib.load_source(data_lib.data_config(config))
       encode = jax.jit(lambda params, x: encoder.apply({'params': params}, x))
@@ -392,7 +434,7 @@ def latent_jobs(config, run, spec, mesh):
           extra_trees={'stats': {'mean': np.asarray(stats.mean), 'std': np.asarray(stats.std)}},  # NumPy: written
           info=dict(name=f'stage_{stage}_latent', phase='latent', stage=stage,         # once, not per process
                     latent=config.sferd.latent.to_dict(), latent_dim=config.sferd.semantic.latent_dim,
-                    num_classes=num_classes, num_codes=len(codes)))
+                    num_classes=num_classes, num_codes=len(codes), data=data_record(config)))
 
     yield Job(f'latent stage {stage}', run.latent_dir(stage), prepare)
 
