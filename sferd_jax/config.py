@@ -317,7 +317,8 @@ def validate(config):
   if config.evaluate.classifier_steps < 1:
     _fail('evaluate.classifier_steps', f'must be >= 1, got {config.evaluate.classifier_steps}')
   if any(not isinstance(key, str) or not key for key in config.allow_changes):
-    _fail('allow_changes', f"must be config keys, e.g. ('distill.optimizer.learning_rate',); got {config.allow_changes}")
+    _fail('allow_changes', f"must be config keys, e.g. ('distill.optimizer.learning_rate',); got "
+                           f"{config.allow_changes}")
   seeds = config.evaluate.sample_seeds or ()
   if any(not isinstance(seed, int) or seed < 0 for seed in seeds) or len(set(seeds)) != len(seeds):
     _fail('evaluate.sample_seeds', f'must be distinct non-negative ints, e.g. (0, 1), or None; got {seeds}')

@@ -75,7 +75,8 @@ class Model:
 
 
 # What a U-Net export's model.json must hold for load() and the next stage to use it, by phase.
-REQUIRED_INFO = {'teacher': ('model', 'diffusion', 'num_steps'), 'distill': ('model', 'diffusion', 'num_steps', 'stage'),
+REQUIRED_INFO = {'teacher': ('model', 'diffusion', 'num_steps'),
+                 'distill': ('model', 'diffusion', 'num_steps', 'stage'),
                  'semantic': ('semantic', 'stage'), 'latent': ('latent', 'latent_dim')}
 
 

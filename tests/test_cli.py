@@ -67,4 +67,5 @@ def test_bucket_workdir_is_refused(tmp_path):
 def test_optional_keys_can_be_set_from_the_command_line(tmp_path):
   result = _main('--config=configs/tiny.py', f'--workdir={tmp_path}', '--mode=distill',
                  '--config.distill.teacher=/no/such/teacher')
-  assert result.returncode == errors.USER_ERROR_EXIT_CODE and 'no teacher to distil at /no/such/teacher' in result.stderr, result.stderr[-2000:]
+  assert result.returncode == errors.USER_ERROR_EXIT_CODE, result.stderr[-2000:]
+  assert 'no teacher to distil at /no/such/teacher' in result.stderr, result.stderr[-2000:]

@@ -118,7 +118,8 @@ _IMAGES = np.zeros((4, 8, 8, 1), np.uint8)
     (dict(images=_IMAGES, labels=np.zeros((3,), np.int32)), "'labels' are int32 \\(3,\\)"),
     (dict(images=_IMAGES, labels=np.zeros((4,), np.float32)), "'labels' are float32"),
     (dict(images=_IMAGES, labels=np.array([0, 1, -1, 0])), 'down to -1'),
-    (dict(images=_IMAGES, labels=np.array([0, 1, 5, 0]), num_classes=np.int64(3)), "'num_classes' is 3 but a label is 5"),
+    (dict(images=_IMAGES, labels=np.array([0, 1, 5, 0]), num_classes=np.int64(3)),
+     "'num_classes' is 3 but a label is 5"),
     (dict(images=_IMAGES, num_classes=np.array([3, 4])), "'num_classes' is int64 \\(2,\\)"),
     (dict(images=np.array([{'a': 1}] * 4, dtype=object)), 'Python objects, which is never loaded'),
 ])
