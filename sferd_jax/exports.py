@@ -74,7 +74,7 @@ class Model:
                            semantic=predictor, **kwargs)
 
 
-# What a U-Net export's model.json must hold for load() and the next stage to use it, by phase.
+# What an export's model.json must hold for load() and the next phase to use it, by the phase that wrote it.
 REQUIRED_INFO = {'teacher': ('model', 'diffusion', 'num_steps'),
                  'distill': ('model', 'diffusion', 'num_steps', 'stage'),
                  'semantic': ('semantic', 'stage'), 'latent': ('latent', 'latent_dim')}
