@@ -157,6 +157,17 @@ def rebuild_advice(path):
           f'from its last checkpoint, or trains again if that is gone).')
 
 
+def _reader(sharding):
+  """An Orbax checkpointer for a restore into `sharding`. A restore onto this process's own devices involves this
+  process alone (its barriers too), so one process of a multi-host job can load a model by itself (the evaluation,
+  the sample grids); one into a mesh of several processes synchronises them all."""
+  if jax.process_count() == 1 or not sharding.is_fully_addressable:
+    return ocp.StandardCheckpointer()
+  process = jax.process_index()
+  return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+      primary_host=process, active_processes={process}, barrier_sync_key_prefix=f'load_on_process_{process}'))
+
+
 def load_tree(path, name, like, *, sharding=None):
   """Restores tree `name` of an export into the shapes of `like` (a tree of arrays or ShapeDtypeStructs).
 
@@ -169,7 +180,7 @@ def load_tree(path, name, like, *, sharding=None):
   like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                      sharding=getattr(x, 'sharding', None) or sharding), like)
   try:
-    tree = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), name), like)
+    tree = _reader(sharding).restore(os.path.join(os.path.abspath(path), name), like)
   except Exception as e:  # pylint: disable=broad-except
     raise errors.CheckpointError(f'{path}/{name} cannot be restored ({type(e).__name__}: {e}). The export is '
                                  f'corrupt or its architecture differs from the config it was loaded with. '
@@ -247,7 +258,8 @@ def load(path, *, sharding=None):
 
   A distillation stage's semantic gradient predictor and latent model come along when they were trained.
   sharding: of the loaded arrays; None = replicated over this process's devices (see load_tree).
-  Every process of a multi-host job must call it: Orbax's restore synchronises them.
+  With the default sharding a process loads alone; with a mesh over several processes (training's), every process
+  of the job must call it.
   """
   path = resolve_model_path(path)
   config = ml_collections.ConfigDict(read_info(path))

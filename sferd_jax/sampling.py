@@ -154,6 +154,7 @@ def sample(params, rng, *, model_config, num_samples, num_steps, labels=None, sa
   batch_size = min(batch_size, num_samples)
   batch_size = -(-batch_size // num_devices) * num_devices  # a multiple of the device count
   params = sharding.put_replicated(sharding.host_local(params), mesh)  # global arrays would span other processes
+  data = sharding.batch_sharding(mesh, leading_axes=0)
   out = []
   for start in range(0, num_samples, batch_size):
     n = min(batch_size, num_samples - start)
@@ -161,8 +162,10 @@ def sample(params, rng, *, model_config, num_samples, num_steps, labels=None, sa
     code_keys = None if semantic is None else sample_keys(code_rng, num_samples=batch_size, first_index=start)
     batch_labels = np.zeros((batch_size,), np.int32)
     batch_labels[:n] = labels[start:start + n]
-    x = run(params, z, batch_labels, jax.random.fold_in(loop_rng, start), jnp.int32(num_steps), semantic_params,
-            code_keys)
+    # Placed explicitly: in a multi-process job jit takes host arrays only with a sharding over all processes.
+    z, batch_labels, code_keys = jax.device_put((z, batch_labels, code_keys), data)
+    step_rng, steps = sharding.put_replicated((jax.random.fold_in(loop_rng, start), jnp.int32(num_steps)), mesh)
+    x = run(params, z, batch_labels, step_rng, steps, semantic_params, code_keys)
     out.append(images_lib.to_uint8(jax.device_get(x))[:n])
   return np.concatenate(out)
 

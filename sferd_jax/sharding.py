@@ -29,7 +29,17 @@ def initialize_distributed():
   """Joins a multi-host job (TPU pods, SLURM/MPI GPU clusters); a no-op on one host."""
   import os  # pylint: disable=g-import-not-at-top
   if multi_host_environment(os.environ) and not jax.distributed.is_initialized():
+    use_gloo_on_cpu()
     jax.distributed.initialize()
+
+
+def use_gloo_on_cpu():
+  """CPU processes need gloo for collectives across processes (GPUs and TPUs have their own); call it before
+  jax.distributed.initialize. A JAX without the option has no CPU collectives to choose."""
+  try:
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  except (AttributeError, KeyError, ValueError):
+    pass
 
 
 def make_mesh(devices=None):
@@ -70,7 +80,21 @@ def put_batch(local_batch, mesh, *, leading_axes=1):
 
 
 def put_replicated(tree, mesh):
-  return jax.device_put(tree, replicated(mesh))
+  """Every leaf replicated over mesh; each process passes the same values. In a multi-process job each leaf is
+  assembled from the processes' copies (device_put reaches only this process's devices); global arrays pass."""
+  sharding = replicated(mesh)
+  if sharding.is_fully_addressable:
+    return jax.device_put(tree, sharding)
+
+  def put(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return x  # already global
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+    x = np.asarray(x)
+    return jax.make_array_from_process_local_data(sharding, x, x.shape)
+
+  return jax.tree.map(put, tree)
 
 
 def host_local(tree):

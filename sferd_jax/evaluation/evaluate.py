@@ -46,6 +46,7 @@ from typing import Optional
 import zlib
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from absl import logging
 
@@ -766,13 +767,24 @@ def run_evaluate(config, workdir, *, mesh=None):
   (variant, num_samples, extractor) this call did not score.
   """
   del mesh  # sample() shards each batch over the local devices itself.
-  cfg = config.evaluate
   directory = layout.RunLayout(workdir).evaluate_dir
-  if jax.process_index() != 0:
-    # One writer for the round files; sample() runs on one process's devices, so the others would only race it.
+  if jax.process_count() == 1:
+    return _evaluate(config, workdir, directory)
+  # One writer for the round files; sample() runs on one process's devices, so the others would only race it. They
+  # wait for it here: a process that ended early would fail JAX's shutdown barrier during a long evaluation.
+  out = dict(rows=[], extractor=None, results=os.path.join(directory, RESULTS_JSON),
+             table=os.path.join(directory, RESULTS_MD))
+  if jax.process_index() == 0:
+    out = _evaluate(config, workdir, directory)
+  else:
     logging.info('evaluate: process %d leaves the evaluation to process 0', jax.process_index())
-    return dict(rows=[], extractor=None, results=os.path.join(directory, RESULTS_JSON),
-                table=os.path.join(directory, RESULTS_MD))
+  multihost_utils.sync_global_devices('evaluate finished')
+  return out
+
+
+def _evaluate(config, workdir, directory):
+  """run_evaluate's work, on one process."""
+  cfg = config.evaluate
   if cfg.num_samples < 2 or cfg.round_size < 1:
     raise errors.ConfigError('config.evaluate: num_samples must be >= 2 and round_size >= 1')
   paths = model_paths(config, workdir)  # Fails before any training of a classifier when there is no model.
