@@ -91,7 +91,7 @@ def digest(tree):
     value = np.asarray(jax.device_get(leaf))
     hasher.update(jax.tree_util.keystr(path).encode())
     hasher.update(value.tobytes())
-    if value.dtype.kind in 'fc' and not np.all(np.isfinite(value)):
+    if jnp.issubdtype(value.dtype, jnp.inexact) and not np.all(np.isfinite(value)):  # bfloat16 too
       nonfinite.append(jax.tree_util.keystr(path))
   return hasher.hexdigest()[:16], nonfinite
 
@@ -182,9 +182,9 @@ def load_tree(path, name, like, *, sharding=None):
   try:
     tree = _reader(sharding).restore(os.path.join(os.path.abspath(path), name), like)
   except Exception as e:  # pylint: disable=broad-except
-    raise errors.CheckpointError(f'{path}/{name} cannot be restored ({type(e).__name__}: {e}). The export is '
-                                 f'corrupt or its architecture differs from the config it was loaded with. '
-                                 f'{rebuild_advice(path)}') from None
+    raise errors.CheckpointError(f'{path}/{name} cannot be restored ({type(e).__name__}: {e}). Either its '
+                                 f'architecture differs from the config it was loaded with (load it with the config '
+                                 f'it was trained with), or it is corrupt: {rebuild_advice(path)}') from None
   found, nonfinite = digest(tree)
   expected = read_info(path).get('fingerprints', {}).get(name)  # exports before fingerprints: values checked only
   if (expected and found != expected) or nonfinite:

@@ -37,14 +37,19 @@ def atomic_path(path):
   # of a killed writer matches no reader's pattern (round_*.npz, reference_*.npz).
   folder, name = os.path.split(os.path.abspath(path))
   tmp = os.path.join(folder, f'.tmp{os.getpid()}.{name}')
+  _remove(tmp)  # left by a killed writer whose process id this one now has
   try:
     yield tmp
     os.replace(tmp, path)
   finally:
-    if os.path.isdir(tmp):
-      shutil.rmtree(tmp)
-    elif os.path.exists(tmp):
-      os.remove(tmp)
+    _remove(tmp)
+
+
+def _remove(path):
+  if os.path.isdir(path):
+    shutil.rmtree(path)
+  elif os.path.exists(path):
+    os.remove(path)
 
 
 @contextlib.contextmanager
@@ -53,9 +58,13 @@ def run_lock(folder):
   RunLockedError naming the holder's pid and host. The operating system drops the lock when its process ends, kill -9
   included, so no stale lock is ever left to clear by hand. Where the file system has no locks (some network file
   systems), a warning, and the block runs unlocked."""
-  os.makedirs(folder, exist_ok=True)
   path = os.path.join(folder, LOCK_FILE)
-  with open(path, 'a+', encoding='utf-8') as f:
+  try:
+    os.makedirs(folder, exist_ok=True)
+    f = open(path, 'a+', encoding='utf-8')  # pylint: disable=consider-using-with
+  except OSError as e:
+    raise errors.ConfigError(f'{folder} is not writable ({e}); choose another --workdir') from None
+  with f:
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -66,15 +66,17 @@ def write_stage_table(run, infos):
 def write_comparison(config, workdir, *, student_steps=(4, 2, 1), num_samples=8):
   """samples/comparison.png: the teacher (top row) and the students of `student_steps` from the same noise.
 
-  Every process loads the models (Orbax's restore synchronises them); process 0 samples and writes.
+  Process 0 alone loads, samples and writes (a load onto one process's devices involves that process only).
   """
+  if jax.process_index() != 0:
+    return
   run = layout.RunLayout(workdir)
   candidates = [('teacher', run.teacher_model)]
   for stage in range(1, config_lib.num_stages(config) + 1):
     if config.distill.start_num_steps // 2**stage in student_steps:
       candidates.append((f'stage_{stage}', run.stage_model(stage)))
   models = [(name, exports.load(path)) for name, path in candidates if layout.is_exported(path)]
-  if jax.process_index() != 0 or not models:
+  if not models:
     return
   rows = [model.sample(jax.random.key(config.seed), num_samples=num_samples) for _, model in models]
   names = [f'{name} ({model.config.num_steps} steps)' for name, model in models]

@@ -124,8 +124,10 @@ def test_a_state_fingerprint_mismatch_is_caught_even_when_orbax_reads_the_bytes(
     return jax.tree.map(lambda x: x + 1 if x.dtype == np.float32 else x, state), meta
 
   monkeypatch.setattr(checkpointing.PhaseCheckpoints, 'restore', garbled)
-  pipeline.run_phase(config, str(tmp_path), 'teacher')
+  with pytest.raises(errors.CheckpointError, match='no checkpoint'):
+    pipeline.run_phase(config, str(tmp_path), 'teacher')
   monkeypatch.undo()
+  pipeline.run_phase(config, str(tmp_path), 'teacher')  # afresh: the garbled checkpoint is aside
   aside = os.listdir(os.path.join(tmp_path, 'teacher', 'corrupt_checkpoints'))
   assert [name.split('_')[0] for name in aside] == ['2']
   _same_params(straight_teacher, str(tmp_path))  # trained again from step 0, not from the garbled values
@@ -212,6 +214,9 @@ def test_a_resume_with_other_training_settings_lists_each_and_allow_changes_reco
   for key in changed:
     assert f'{key}: saved' in str(refused.value)
   assert 'allow_changes' in str(refused.value)
+  with pytest.raises(errors.IncompatibleRunError) as architecture:  # never allowed: the arrays would not fit
+    pipeline.run_phase(tiny.load_config(**{'model.ch': 32, 'allow_changes': ('model',)}), str(tmp_path), 'teacher')
+  assert 'model.ch: saved 16, now 32' in str(architecture.value) and 'allow_changes' not in str(architecture.value)
   lower = {'teacher.optimizer.learning_rate': 5e-4, 'allow_changes': ('teacher.optimizer',)}
   pipeline.run_phase(tiny.load_config(**lower), str(tmp_path), 'teacher')
   summary = exports.load(str(tmp_path)).config.summary

@@ -175,8 +175,9 @@ def test_nan_loss_stops_with_a_clear_error_and_saves_nothing(tmp_path, monkeypat
 
 
 def test_an_unreadable_checkpoint_is_set_aside_and_the_phase_starts_over(tmp_path, monkeypatch):
-  """Every file of the only checkpoint overwritten: it is moved to corrupt_checkpoints/ (kept), and the phase
-  trains from step 0 to the same model as an uninterrupted run."""
+  """Every file of the only checkpoint overwritten: it is moved to corrupt_checkpoints/ (kept) and the run stops
+  saying so (a restore must not silently restart a phase); the next run trains from step 0 to the same model as
+  an uninterrupted run."""
   config = tiny.load_config()
   pipeline.run_phase(config, str(tmp_path / 'straight'), 'teacher')
   workdir = str(tmp_path / 'run')
@@ -190,6 +191,8 @@ def test_an_unreadable_checkpoint_is_set_aside_and_the_phase_starts_over(tmp_pat
     for name in files:
       with open(os.path.join(root, name), 'wb') as f:
         f.write(b'garbage')
+  with pytest.raises(errors.CheckpointError, match=r'no checkpoint .* restores: \[2\] were moved to .*Run the same'):
+    pipeline.run_phase(config, workdir, 'teacher')
   pipeline.run_phase(config, workdir, 'teacher')
   assert [name.split('_')[0] for name in os.listdir(os.path.join(workdir, 'teacher', 'corrupt_checkpoints'))] == ['2']
   jax.tree.map(np.testing.assert_array_equal, exports.load(str(tmp_path / 'straight')).params,

@@ -57,8 +57,11 @@ class PhaseCheckpoints:
     """(state, meta) of the newest checkpoint that reads back whole: its record readable, its values matching the
     fingerprint saved with them (checkpoints from before fingerprints: all finite). Each bad one on the way is set
     aside with a warning. check(meta) runs on each record first: a checkpoint of other settings is not corrupt,
-    and its error propagates. (None, None) when no good checkpoint is left."""
-    for step in sorted(self.manager.all_steps(), reverse=True):
+    and its error propagates. (None, None) when there is no checkpoint; a CheckpointError when there were some
+    but none restored (then the next run starts the phase afresh: a restore that fails for another reason than
+    corruption must not silently restart a run)."""
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    for step in steps:
       try:
         check(self.restore_meta(step))
         state, meta = self.restore(step, like_state)
@@ -72,6 +75,12 @@ class PhaseCheckpoints:
                         if expected and found != expected else f'it holds NaN or Inf in {nonfinite[:5]}')
         continue
       return state, meta
+    if steps:
+      raise errors.CheckpointError(
+          f'no checkpoint in {self.directory} restores: {steps} were moved to '
+          f'{os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints")} (the warnings above say why). '
+          f'Run the same command again to train this phase from its start, or move them back if they are good and '
+          f'the code or config that reads them changed.')
     return None, None
 
   def _set_aside(self, step, why):
@@ -81,8 +90,8 @@ class PhaseCheckpoints:
       os.makedirs(os.path.dirname(aside), exist_ok=True)
       os.replace(os.path.join(self.directory, str(step)), aside)
     multihost_utils.sync_global_devices(f'set aside {self.directory}/{step}')
-    logging.warning('the checkpoint %s/%d is corrupt (%s); moved it to %s and resuming from an earlier one',
-                    self.directory, step, why, aside)
+    logging.warning('the checkpoint %s/%d is corrupt (%s); moved it to %s; trying an earlier one', self.directory,
+                    step, why, aside)
     self.manager.reload()
 
   def restore_meta(self, step):

@@ -43,6 +43,7 @@ class Phase:
   # refused resume names the key to change, and config.allow_changes can let a resume change it.
   config_keys: dict = dataclasses.field(default_factory=dict)
   allow_changes: tuple = ()                     # config keys (or their prefixes) a resume may change
+  fixed_keys: tuple = ()                        # config keys (or prefixes) no resume may change: the architecture
 
 
 def cost_flops(lowered):
@@ -128,8 +129,14 @@ def config_key(phase, path):
   return None if base is None else '.'.join(p for p in (base, rest) if p)
 
 
-def allowed(key, allow_changes):
-  return key is not None and any(key == a or key.startswith(a + '.') for a in allow_changes)
+def _under(key, prefixes):
+  return any(key == p or key.startswith(p + '.') for p in prefixes)
+
+
+def allowed(key, allow_changes, fixed_keys=()):
+  """Whether config.allow_changes lets `key` change; never for a key of fixed_keys (the checkpoint could not be
+  read into the new architecture)."""
+  return key is not None and _under(key, allow_changes) and not _under(key, fixed_keys)
 
 
 def check_resume(phase, saved_meta):
@@ -137,12 +144,13 @@ def check_resume(phase, saved_meta):
   ([{'key', 'saved', 'now'}]); any other difference is an IncompatibleRunError listing each one and its fix."""
   diffs = [(config_key(phase, path), path, a, b)
            for path, a, b in record_diff(saved_meta.get('config', {}), config_lib.to_json(phase.meta))]
-  if any(not allowed(key, phase.allow_changes) for key, *_ in diffs):
+  if any(not allowed(key, phase.allow_changes, phase.fixed_keys) for key, *_ in diffs):
     listed = '; '.join(f'{key or path}: saved {a!r}, now {b!r}' + ('' if key else ' (an earlier phase\'s export)')
                        for key, path, a, b in diffs)
     keys = tuple(key for key, *_ in diffs if key)
+    changeable = all(key and not _under(key, phase.fixed_keys) for key, *_ in diffs)
     fix = (f'To continue it with the new values, rerun with --config.allow_changes="{keys!r}" (the change is '
-           f'recorded in its checkpoints and summary). ' if keys and all(key for key, *_ in diffs) else '')
+           f'recorded in its checkpoints and summary). ' if keys and changeable else '')
     raise errors.IncompatibleRunError(
         f'{phase.directory} holds a run of {phase.name} started with other settings: {listed}. It is never '
         f'overwritten. {fix}Otherwise restore the settings it was started with, or use a new --workdir.')

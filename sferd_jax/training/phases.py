@@ -39,7 +39,10 @@ RESUMABLE_KEYS = ('log_every', 'checkpoint_every', 'keep_checkpoints', 'sample_e
 # are the phase's own section. Fingerprints of earlier exports (teacher, student, encoder) are not settings.
 META_CONFIG_KEYS = {'model': 'model', 'diffusion': 'diffusion', 'data': 'data', 'seed': 'seed',
                     'attention_guidance': 'sferd.attention_guidance', 'semantic': 'sferd.semantic',
-                    'latent': 'sferd.latent', 'num_classes': 'model.num_classes'}
+                    'latent': 'sferd.latent', 'num_classes': 'model.num_classes',
+                    'student_steps': 'distill.start_num_steps'}
+# What a checkpoint's arrays are shaped by: no resume may change it (config.allow_changes cannot).
+FIXED_CONFIG_KEYS = ('model', 'diffusion', 'sferd.semantic', 'sferd.latent', 'distill.start_num_steps')
 # Model keys that change how a model runs but not its parameters: a teacher trained with dropout 0.2 is
 # distilled with dropout 0 (as in progressive distillation), and a float32 export may run in bfloat16.
 NOT_ARCHITECTURE = ('dropout', 'dtype')
@@ -107,7 +110,7 @@ def train_and_export(spec, job, *, config, mesh):
                      init_state=spec.init, init_args=inputs.init_args, extra_args=inputs.extra_args,
                      meta=dict(spec.meta, **inputs.meta), sample_fn=inputs.sample_fn,
                      config_keys=dict(META_CONFIG_KEYS, training=spec.name, loss=f'{spec.name}.loss'),
-                     allow_changes=tuple(config.allow_changes))
+                     allow_changes=tuple(config.allow_changes), fixed_keys=FIXED_CONFIG_KEYS)
   state, summary = loop.run_phase(phase, batches=inputs.batches, mesh=mesh, rng=inputs.rng)
   info = dict(inputs.info, summary=summary)
   exports.export_model(export, trees={'params': state.export_params, **inputs.extra_trees}, info=info)
@@ -162,12 +165,20 @@ def data_record(config):
   image shape, and for a file dataset (npz) a fingerprint of the file's bytes, so a changed file is caught too."""
   record = data_lib.data_config(config)
   if config.data.name == 'npz' and config.data.path and os.path.isfile(config.data.path):
-    digest = hashlib.sha256()
-    with open(config.data.path, 'rb') as f:
-      for chunk in iter(lambda: f.read(1 << 20), b''):
-        digest.update(chunk)
-    record['content'] = digest.hexdigest()[:16]
+    stat = os.stat(config.data.path)
+    record['content'] = _file_fingerprint(os.path.abspath(config.data.path), stat.st_size, stat.st_mtime_ns)
   return record
+
+
+@functools.lru_cache(maxsize=8)
+def _file_fingerprint(path, size, mtime_ns):
+  """A file's SHA-256 (16 hex digits), read once per (path, size, mtime): a multi-GB npz is hashed once a run."""
+  del size, mtime_ns  # the cache key: a rewritten file is hashed again
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for chunk in iter(lambda: f.read(1 << 20), b''):
+      digest.update(chunk)
+  return digest.hexdigest()[:16]
 
 
 def check_provenance(config, export_path, what):
@@ -421,8 +432,8 @@ def latent_jobs(config, run, spec, mesh):
       codes, labels = codes_lib.encode_dataset(source, functools.partial(encode, semantic_params['encoder']))
       if num_classes and not 0 <= labels.min() <= labels.max() < num_classes:
         # nn.Embed would silently clamp (or NaN) an out-of-range label: fail before any training.
-        raise ValueError(f'the dataset\'s labels span [{labels.min()}, {labels.max()}], outside the model\'s '
-                         f'{num_classes} classes (config.model.num_classes)')
+        raise errors.DataError(f'the dataset\'s labels span [{labels.min()}, {labels.max()}], outside the model\'s '
+                               f'{num_classes} classes (config.model.num_classes)')
       stats = latent_lib.latent_statistics(codes)  # over all codes, whatever their class
       rng = jax.random.fold_in(jax.random.key(spec.seed), stage)
       student = exports.load(finished_stage(run, stage, 'the latent phase'))
