@@ -287,6 +287,8 @@ def validate(config):
         sources.check_split(config.data.name, config[section][name])
       except ValueError as e:
         raise errors.ConfigError(f'config.{key}: {e}') from None
+  if config.sample.guidance and config.sample.semantic:
+    _fail('sample.semantic', 'cannot be combined with sample.guidance (no sampler does both); choose one')
   if config.sample.num_samples < 1 or config.sample.batch_size < 1:
     _fail('sample', 'num_samples and batch_size must be >= 1')
   try:

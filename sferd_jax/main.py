@@ -67,6 +67,9 @@ def _write_samples(config, workdir):
   import numpy as np  # pylint: disable=g-import-not-at-top
   from sferd_jax import exports, files, images, layout  # pylint: disable=g-import-not-at-top
   model = exports.load(exports.in_workdir(config.sample.model, workdir))
+  if config.sample.semantic and not model.has_semantic:
+    raise errors.CheckpointError(f'{model.path} has no semantic gradient predictor: run the semantic and latent '
+                                 f'phases for its stage, or sample it without --config.sample.semantic')
   num_steps = config.sample.num_steps or model.config.num_steps
   guidance = dict(config.sferd.attention_guidance, enabled=True) if config.sample.guidance else None
   semantic = {'semantic': True, 'stop_fraction': config.sferd.semantic.stop_fraction} if config.sample.semantic else {}

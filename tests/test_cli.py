@@ -29,6 +29,9 @@ def test_train_teacher_then_sample_a_grid_and_npz(tmp_path):
   assert os.path.exists(os.path.join(samples, 'teacher_3steps_ddim.png'))
   images = np.load(os.path.join(samples, 'teacher_3steps_ddim.npz'))['images']
   assert images.shape == (5, 8, 8, 1) and images.dtype == np.uint8
+  result = _main('--config=configs/tiny.py', f'--workdir={workdir}', '--mode=sample', '--config.sample.semantic=True')
+  assert result.returncode == errors.USER_ERROR_EXIT_CODE and 'has no semantic gradient predictor' in result.stderr
+  assert 'Traceback' not in result.stderr
 
 
 @pytest.mark.parametrize('override, message', [

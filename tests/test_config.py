@@ -74,6 +74,7 @@ def test_validation_names_the_key_and_the_fix():
     ({'data.name': 'cifar10', 'data.split': 'valid[:10%]'}, r"data\.split: cifar10 has no split 'valid\[:10%\]'"),
     ({'evaluate.reference_split': 'held_out'}, r"evaluate\.reference_split: digits has no split"),
     ({'allow_changes': ('',)}, r'allow_changes: must be config keys'),
+    ({'sample.guidance': True, 'sample.semantic': True}, r'sample\.semantic: cannot be combined'),
 ])
 def test_values_that_cannot_work_are_refused_naming_the_key(overrides, message):
   with pytest.raises(errors.ConfigError, match=message):
