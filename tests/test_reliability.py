@@ -20,46 +20,16 @@ from sferd_jax import pipeline
 from sferd_jax.data import codes as codes_lib
 from sferd_jax.training import checkpointing
 from sferd_jax.training import phases
+import test_cli
+import test_training
 import tiny
-
-
-class Killing:
-  """Wraps a phase's batches: the `after`-th batch its first iterate() yields raises KeyboardInterrupt, like a
-  kill; everything else (get, ...) passes through."""
-
-  def __init__(self, batches, after):
-    self.batches, self.after, self.calls = batches, after, 0
-
-  def __getattr__(self, name):
-    return getattr(self.batches, name)
-
-  def iterate(self, start, per_call):
-    self.calls += 1
-    inner = self.batches.iterate(start, per_call)
-    if self.calls > 1:
-      return inner
-    after = self.after
-
-    class It:
-      count = 0
-
-      def __next__(self):
-        self.count += 1
-        if self.count == after:
-          raise KeyboardInterrupt('killed')
-        return next(inner)
-
-      def close(self):
-        inner.close()
-
-    return It()
 
 
 def _kill_phase(monkeypatch, name, after):
   """phases.make_batches of phase `name` gets killed at its batch `after`; other phases run as usual."""
   real = phases.make_batches
   monkeypatch.setattr(phases, 'make_batches',
-                      lambda config, spec: Killing(real(config, spec), after) if spec.name == name
+                      lambda config, spec: test_training._Interrupting(real(config, spec), after) if spec.name == name
                       else real(config, spec))
   return real
 
@@ -262,7 +232,7 @@ def test_semantic_and_latent_phases_killed_and_resumed_equal_uninterrupted(tmp_p
   _same_semantic(workdir, run)
 
   real = codes_lib.CodeBatches
-  monkeypatch.setattr(codes_lib, 'CodeBatches', lambda *a, **k: Killing(real(*a, **k), after=2))
+  monkeypatch.setattr(codes_lib, 'CodeBatches', lambda *a, **k: test_training._Interrupting(real(*a, **k), after=2))
   with pytest.raises(KeyboardInterrupt):
     pipeline.run_phase(config, run, 'latent')
   monkeypatch.undo()
@@ -273,12 +243,6 @@ def test_semantic_and_latent_phases_killed_and_resumed_equal_uninterrupted(tmp_p
 
 
 # One run per folder, and errors a user can act on.
-
-
-def _main(*args, timeout=600):
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([tiny.ROOT, os.environ.get('PYTHONPATH', '')]))
-  return subprocess.run([sys.executable, '-m', 'sferd_jax.main', *args], cwd=tiny.ROOT, env=env, capture_output=True,
-                        text=True, timeout=timeout)
 
 
 def _holder(folder):
@@ -306,11 +270,11 @@ def test_one_run_per_folder_and_a_killed_holder_leaves_no_lock(tmp_path):
 def test_the_cli_refuses_a_second_run_and_a_changed_run_with_one_line_and_writes_nothing(tmp_path):
   workdir = str(tmp_path / 'run')
   args = ('--config=configs/tiny.py', f'--workdir={workdir}', '--mode=train_teacher')
-  assert _main(*args).returncode == 0
+  assert test_cli._main(*args).returncode == 0
   record = os.path.join(workdir, 'config_train_teacher.json')
   with open(record, 'rb') as f:
     before = f.read()
-  refused = _main(*args, '--config.model.ch=32')  # the finished teacher has ch=16
+  refused = test_cli._main(*args, '--config.model.ch=32')  # the finished teacher has ch=16
   assert refused.returncode == errors.USER_ERROR_EXIT_CODE, refused.stderr[-2000:]
   assert len([line for line in refused.stderr.splitlines() if line.startswith('error: ')]) == 1, refused.stderr[-2000:]
   assert 'Traceback' not in refused.stderr
@@ -319,7 +283,7 @@ def test_the_cli_refuses_a_second_run_and_a_changed_run_with_one_line_and_writes
   holder = _holder(workdir)
   try:
     start = time.time()
-    second = _main(*args)
+    second = test_cli._main(*args)
     assert second.returncode == errors.USER_ERROR_EXIT_CODE and f'pid {holder.pid}' in second.stderr
     assert time.time() - start < 60  # at once, not after a hang
   finally:

@@ -77,6 +77,9 @@ class _Interrupting:
   def __init__(self, batches, after, on_call=1):
     self.batches, self.after, self.on_call, self.calls = batches, after, on_call, 0
 
+  def __getattr__(self, name):  # get(), ...: the semantic phase reads its first batch for the grids
+    return getattr(self.batches, name)
+
   def iterate(self, start, per_call):
     self.calls += 1
     inner = self.batches.iterate(start, per_call)
