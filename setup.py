@@ -28,6 +28,7 @@ setuptools.setup(
         'data': ['tensorflow-datasets>=4.9.10,<5', 'importlib_resources>=7', 'array_record>=0.8.6',
                  'grain>=0.2.18,<0.3'],
         'eval': ['matplotlib>=3.8,<4'],
+        'gcs': ['gcsfs>=2024.2', 'google-cloud-storage>=2.14,<4'],  # --workdir=gs://... (launch/README.md)
         'test': ['pytest>=9,<10', 'pytest-xdist>=3.8,<4'],
     },
 )

@@ -7,9 +7,7 @@ stage, `load()`, sampling and evaluation read only exports; a student's export n
 
 import dataclasses
 import hashlib
-import json
 import os
-import shutil
 from typing import Any, Optional
 
 import jax
@@ -106,12 +104,12 @@ def export_model(path, *, trees, info):
 
   Refuses to overwrite an existing export: a finished model is never replaced silently.
   """
-  path = os.path.abspath(path)
+  path = files.absolute(path)
   if layout.is_exported(path):
     raise errors.CheckpointError(f'{path} already holds an exported model; it is never overwritten. Move it aside or '
                                  f'use a new --workdir.')
-  if os.path.exists(path) and jax.process_index() == 0:
-    shutil.rmtree(path)  # an export interrupted before model.json was written
+  if files.exists(path) and jax.process_index() == 0:
+    files.remove(path)  # an export interrupted before model.json was written
   multihost_utils.sync_global_devices(f'export cleared {path}')
   fingerprints = {}
   for name, tree in trees.items():
@@ -132,14 +130,13 @@ def export_model(path, *, trees, info):
 def read_info(path):
   """model.json of an exported model, with a clear error when there is none."""
   file = os.path.join(path, layout.MODEL_JSON)
-  if not os.path.exists(file):
-    what = ('does not exist' if not os.path.exists(path) else
+  if not files.exists(file):
+    what = ('does not exist' if not files.exists(path) else
             f'has no {layout.MODEL_JSON} (not an exported model, or an export that was interrupted)')
     raise errors.CheckpointError(f'{path} {what}. Point at the model/ folder a finished phase exported, e.g. '
                                  f'<workdir>/teacher/model or <workdir>/distill/stage_<k>/model.')
   try:
-    with open(file, encoding='utf-8') as f:
-      info = json.load(f)
+    info = files.read_json(file)
   except (OSError, ValueError) as e:
     raise errors.CheckpointError(f'{file} cannot be read ({e}); the export is corrupt. {rebuild_advice(path)}') \
         from None
@@ -180,7 +177,7 @@ def load_tree(path, name, like, *, sharding=None):
   like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                      sharding=getattr(x, 'sharding', None) or sharding), like)
   try:
-    tree = _reader(sharding).restore(os.path.join(os.path.abspath(path), name), like)
+    tree = _reader(sharding).restore(os.path.join(files.absolute(path), name), like)
   except Exception as e:  # pylint: disable=broad-except
     raise errors.CheckpointError(f'{path}/{name} cannot be restored ({type(e).__name__}: {e}). Either its '
                                  f'architecture differs from the config it was loaded with (load it with the config '
@@ -199,14 +196,14 @@ def in_workdir(path, workdir):
   ('teacher', 'distill/stage_3'), then as given."""
   if not path:
     return workdir
-  if not os.path.isabs(path) and os.path.exists(os.path.join(workdir, path)):
+  if not os.path.isabs(path) and not files.is_remote(path) and files.exists(os.path.join(workdir, path)):
     return os.path.join(workdir, path)
   return path
 
 
 def resolve_model_path(path):
   """An export folder, a phase folder (its model/) or a run folder (its last finished stage, else its teacher)."""
-  path = os.path.abspath(path)
+  path = files.absolute(path)
   for candidate in (path, layout.export_of(path)):
     if layout.is_exported(candidate):
       return candidate

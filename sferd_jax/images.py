@@ -1,9 +1,10 @@
 """uint8 conversion, PNG grids of image batches, and the figures of plots."""
 
 import math
-import os
 
 import numpy as np
+
+from sferd_jax import files
 
 
 def from_uint8(images):
@@ -35,8 +36,8 @@ def save_grid(path, images, *, columns=None, scale=None):
   image = grid(images, columns=columns)
   scale = scale or max(1, 256 // max(np.asarray(images).shape[1], 1) // 2)
   image = np.repeat(np.repeat(image, scale, axis=0), scale, axis=1)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+  with files.atomic_path(path) as tmp:
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp)
 
 
 def new_figure(figsize, *, purpose):
@@ -50,3 +51,9 @@ def new_figure(figsize, *, purpose):
   fig = figure.Figure(figsize=figsize, layout='constrained')
   backend_agg.FigureCanvasAgg(fig)
   return fig
+
+
+def save_figure(fig, path, *, dpi):
+  """Writes a figure as the file its extension names, whole or not at all."""
+  with files.atomic_path(path) as tmp:
+    fig.savefig(tmp, dpi=dpi)

@@ -16,6 +16,8 @@ import dataclasses
 import os
 import re
 
+from sferd_jax import files
+
 MODEL_JSON = 'model.json'
 EXPORT = 'model'  # a phase folder's export subfolder
 SEMANTIC, LATENT = 'semantic', 'latent'  # a stage folder's predictor phases
@@ -23,7 +25,7 @@ SEMANTIC, LATENT = 'semantic', 'latent'  # a stage folder's predictor phases
 
 def is_exported(path):
   """Whether `path` holds a finished export (its model.json is written last)."""
-  return os.path.exists(os.path.join(path, MODEL_JSON))
+  return files.exists(os.path.join(path, MODEL_JSON))
 
 
 def export_of(phase_dir):
@@ -91,9 +93,8 @@ class RunLayout:
 
   def finished_stages(self):
     """[(stage, its export)] of every exported distillation stage, in stage order."""
-    if not os.path.isdir(self.distill_dir):
-      return []
-    stages = [int(m.group(1)) for m in map(re.compile(r'stage_(\d+)').fullmatch, os.listdir(self.distill_dir)) if m]
+    names = files.listdir(self.distill_dir)
+    stages = [int(m.group(1)) for m in map(re.compile(r'stage_(\d+)').fullmatch, names) if m]
     return [(k, self.stage_model(k)) for k in sorted(stages) if is_exported(self.stage_model(k))]
 
   def finished_models(self):

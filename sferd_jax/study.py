@@ -38,7 +38,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 from typing import Optional
 
 from absl import logging
@@ -100,7 +99,7 @@ def student_stages(config):
 
 
 def teacher_path(workdir):
-  return os.path.abspath(layout.RunLayout(workdir).teacher_model)
+  return files.absolute(layout.RunLayout(workdir).teacher_model)
 
 
 def run_dir(workdir, run):
@@ -140,19 +139,14 @@ def run_config(config, workdir, run, *, first_seed):
 
 def _copy_tree(src, dst):
   """src -> dst through a temporary name, so an interrupted copy is never taken for a finished one."""
-  if os.path.exists(dst):
+  if files.exists(dst):
     return
   with files.atomic_path(dst) as tmp:
-    shutil.copytree(src, tmp)
+    files.copy(src, tmp)
 
 
 def _write_json(path, value):
   files.write_text_atomic(path, json.dumps(value, indent=2))
-
-
-def _read_json(path):
-  with open(path) as f:
-    return json.load(f)
 
 
 def arm_rows(config, run, results_rows):
@@ -172,13 +166,12 @@ def _restore(results_dir, workdir, relative):
   if not results_dir:
     return
   src, dst = os.path.join(results_dir, relative), os.path.join(workdir, relative)
-  if os.path.exists(src) and not os.path.exists(dst):
+  if files.exists(src) and not files.exists(dst):
     logging.info('study: restoring %s from %s', relative, results_dir)
-    if os.path.isdir(src):
+    if files.isdir(src):
       _copy_tree(src, dst)
     else:
-      os.makedirs(os.path.dirname(dst), exist_ok=True)
-      shutil.copy2(src, dst)
+      files.copy(src, dst)
 
 
 def _mirror(results_dir, workdir, relative):
@@ -186,11 +179,10 @@ def _mirror(results_dir, workdir, relative):
   if not results_dir:
     return
   src, dst = os.path.join(workdir, relative), os.path.join(results_dir, relative)
-  if os.path.isdir(src):
+  if files.isdir(src):
     _copy_tree(src, dst)
-  elif not os.path.exists(dst):
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    shutil.copy2(src, dst)
+  elif not files.exists(dst):
+    files.copy(src, dst)
 
 
 def run_seed(config, workdir, seed, *, first_seed, classifier_dir):
@@ -218,12 +210,12 @@ def _share_reference_features(src, dst):
   """Copies src's cached reference features (evaluate/reference_*.npz) into dst's evaluate folder; evaluate checks
   that a cache was made from its own data and image count before using it."""
   src, dst = layout.RunLayout(src).evaluate_dir, layout.RunLayout(dst).evaluate_dir
-  if not os.path.isdir(src):
+  if not files.isdir(src):
     return
-  os.makedirs(dst, exist_ok=True)
-  for name in os.listdir(src):
-    if name.startswith('reference_') and name.endswith('.npz') and not os.path.exists(os.path.join(dst, name)):
-      shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+  files.makedirs(dst)
+  for name in files.listdir(src):
+    if name.startswith('reference_') and name.endswith('.npz') and not files.exists(os.path.join(dst, name)):
+      files.copy(os.path.join(src, name), os.path.join(dst, name))
 
 
 INCEPTION_ARMS = (('pd', 'pd', False), ('sferd', 'guided', True))  # (arm, run, semantic): the 1-step models scored
@@ -248,7 +240,7 @@ def inception_rows(config, workdir, seed):
     cfg = run_config(config, workdir, run, first_seed=False)
     with cfg.unlocked():
       cfg.phases = ('evaluate',)
-      cfg.evaluate.update(features='inception', inception_weights=os.path.abspath(config.study.inception_weights),
+      cfg.evaluate.update(features='inception', inception_weights=files.absolute(config.study.inception_weights),
                           models=(relative,), semantic=(semantic,))
     logging.info('study: seed %d, %s at 1 step with the FID Inception', seed, arm)
     evaluate.run_evaluate(config_lib.validate(cfg), folder)
@@ -278,12 +270,12 @@ def run_analyses(config, workdir, seed):
   for name, path in models.items():
     folder = os.path.join(workdir, 'analyze', name)
     summary_path = os.path.join(layout.RunLayout(folder).analyze_dir, 'summary.json')
-    if not os.path.exists(summary_path):
+    if not files.exists(summary_path):
       cfg = without_study(config)
       with cfg.unlocked():
-        cfg.analyze.model = os.path.abspath(path)
+        cfg.analyze.model = files.absolute(path)
       fitting_error.run_analysis(cfg, folder, mask_model_path=teacher_path(workdir))
-    summaries[name] = _read_json(summary_path)
+    summaries[name] = files.read_json(summary_path)
   return summaries
 
 
@@ -315,17 +307,15 @@ def write_inception_report(workdir, rows):
   if summary['ratio_1step'] is not None:
     ratio = study_report.format_interval(summary['ratio_1step'], key='ratio', digits=3)
     lines.append(f'- R = FID(sferd) / FID(pd): {ratio}')
-  with open(os.path.join(workdir, 'results.md'), 'a') as f:
-    f.write('\n'.join(lines) + '\n')
-  results = _read_json(os.path.join(workdir, 'results.json'))
+  files.append_text(os.path.join(workdir, 'results.md'), '\n'.join(lines) + '\n')
+  results = files.read_json(os.path.join(workdir, 'results.json'))
   _write_json(os.path.join(workdir, 'results.json'), dict(results, inception=dict(rows=rows, summary=summary)))
 
 
 def write_analysis_report(workdir, analyses):
   """Appends the analyses' table to results.md and their summaries to results.json."""
-  with open(os.path.join(workdir, 'results.md'), 'a') as f:
-    f.write('\n'.join(analysis_lines(analyses)) + '\n')
-  results = _read_json(os.path.join(workdir, 'results.json'))
+  files.append_text(os.path.join(workdir, 'results.md'), '\n'.join(analysis_lines(analyses)) + '\n')
+  results = files.read_json(os.path.join(workdir, 'results.json'))
   _write_json(os.path.join(workdir, 'results.json'), dict(results, analyses=analyses))
 
 
@@ -334,18 +324,18 @@ def analysis_unit(config, workdir, seed, results_dir):
   relative = os.path.join('analyze', 'summaries.json')
   _restore(results_dir, workdir, relative)
   path = os.path.join(workdir, relative)
-  if not os.path.exists(path):
+  if not files.exists(path):
     _write_json(path, run_analyses(config, workdir, seed))
     _mirror(results_dir, workdir, relative)
-  return _read_json(path)
+  return files.read_json(path)
 
 
 def run_study(config, workdir):
   """Runs (or resumes) the whole study; writes <workdir>/results.{json,md} and fid_vs_steps.png; returns the
   report's summary."""
   study = config.study
-  results_dir = study.results_dir and os.path.abspath(study.results_dir)
-  if study.inception_weights and not os.path.isfile(study.inception_weights):
+  results_dir = study.results_dir and files.absolute(study.results_dir)
+  if study.inception_weights and not files.isfile(study.inception_weights):
     raise errors.ConfigError(
         f'config.study.inception_weights: {study.inception_weights} does not exist. Make it once with `python -m '
         'sferd_jax.evaluation.export_inception SRC.pt OUT.npz` (README, "Evaluation"), or pass '
@@ -368,12 +358,12 @@ def run_study(config, workdir):
     relative = os.path.join(f'seed_{seed}', ROWS_JSON)
     _restore(results_dir, workdir, relative)
     path = os.path.join(workdir, relative)
-    if os.path.exists(path):
+    if files.exists(path):
       logging.info('study: seed %d finished (%s); skipping', seed, path)
     else:
       _write_json(path, run_seed(config, workdir, seed, first_seed=i == 0, classifier_dir=classifier_dir))
       _mirror(results_dir, workdir, relative)
-    rows += _read_json(path)
+    rows += files.read_json(path)
     if i == 0 and study.analyze:  # while the first seed's models are on this machine
       analyses = analysis_unit(config, workdir, seed, results_dir)
   extractors = sorted({r['extractor'] for r in rows})
@@ -385,8 +375,7 @@ def run_study(config, workdir):
   if analyses is not None:
     write_analysis_report(workdir, analyses)
   for name in ('results.json', 'results.md', 'fid_vs_steps.png'):
-    if results_dir and os.path.exists(os.path.join(workdir, name)):
-      os.makedirs(results_dir, exist_ok=True)
-      shutil.copy2(os.path.join(workdir, name), os.path.join(results_dir, name))
+    if results_dir and files.exists(os.path.join(workdir, name)):
+      files.copy(os.path.join(workdir, name), os.path.join(results_dir, name))
   logging.info('study: wrote %s', os.path.join(workdir, 'results.md'))
   return summary

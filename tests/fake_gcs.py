@@ -13,15 +13,17 @@ and a delete. Use `with fake_gcs.bucket() as store:` (or the pytest fixture in c
 
 import contextlib
 import http.server
+import importlib.machinery
 import io
 import json
 import os
+import re
+import sys
 import threading
 import types
 import urllib.parse
 
 import fsspec
-from orbax.checkpoint._src.path import gcs_utils
 from fsspec.spec import AbstractFileSystem
 
 
@@ -231,8 +233,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
       return self._send(304)
     if params.get('alt') != 'media':
       return self._send(200, self._metadata(bucket, name, data), [('Content-Type', 'application/json')])
-    return self._send(200, data[0], [('Content-Type', 'application/octet-stream'),
-                                     ('x-goog-generation', str(data[1])), ('x-goog-metageneration', '1')])
+    headers = [('Content-Type', 'application/octet-stream'), ('x-goog-generation', str(data[1])),
+               ('x-goog-metageneration', '1')]
+    ranged = re.fullmatch(r'bytes=(\d*)-(\d*)', self.headers.get('Range', ''))
+    if not ranged:
+      return self._send(200, data[0], headers)
+    size, (first, last) = len(data[0]), ranged.groups()
+    start = int(first) if first else max(0, size - int(last))  # 'bytes=-n': the last n bytes
+    end = min(int(last), size - 1) if first and last else size - 1
+    return self._send(206, data[0][start:end + 1], headers + [('Content-Range', f'bytes {start}-{end}/{size}')])
 
   def do_POST(self):  # pylint: disable=invalid-name
     upload, bucket, _, params = self._parse()
@@ -266,9 +275,14 @@ def start():
   """Registers the fsspec view and starts the HTTP view (once per process); returns STORE."""
   global _server  # pylint: disable=global-statement
   fsspec.register_implementation('gs', FakeGCSFileSystem, clobber=True)
-  # Orbax asks google-cloud-storage whether a bucket has a hierarchical namespace before it deletes a checkpoint;
-  # the fake's has none.
-  gcs_utils.get_bucket = lambda name: types.SimpleNamespace(name=name, hierarchical_namespace_enabled=False)
+  # Orbax asks google-cloud-storage whether a bucket has a hierarchical namespace before it deletes a checkpoint:
+  # the client, as much of it as that takes (the fake bucket has none).
+  if 'google.cloud.storage' not in sys.modules:
+    client = types.ModuleType('google.cloud.storage')
+    client.__spec__ = importlib.machinery.ModuleSpec('google.cloud.storage', None)
+    client.Client = lambda: types.SimpleNamespace(
+        get_bucket=lambda name: types.SimpleNamespace(name=name, hierarchical_namespace_enabled=False))
+    sys.modules['google.cloud.storage'] = client
   fsspec.register_implementation('gcs', FakeGCSFileSystem, clobber=True)
   if _server is None:
     _server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), _Handler)

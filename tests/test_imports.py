@@ -10,7 +10,8 @@
   sferd/                        the paper's two mechanisms: the guided teacher, the semantic predictor
   models/                       architectures
   diffusion/  data/  sharding   the maths  |  sources and batches  |  meshes and jit
-  files images layout progress  atomic writes and the lock | grids | run-folder paths | ETAs
+  images layout progress        grids | run-folder paths | ETAs
+  files                         every file read and written, local or in a bucket; the lock
   errors                        the user's errors: every layer may raise them
 """
 
@@ -23,7 +24,8 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # beside it: training and evaluation know nothing of each other.
 LAYERS = (
     ('errors',),
-    ('files', 'images', 'layout', 'progress'),
+    ('files',),
+    ('images', 'layout', 'progress'),
     ('diffusion', 'data', 'sharding'),
     ('models',),
     ('sferd',),

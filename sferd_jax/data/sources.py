@@ -6,7 +6,6 @@ a missing dataset raises `DatasetNotFoundError` with the commands that prepare i
 """
 
 import concurrent.futures
-import glob
 import gzip
 import os
 import re
@@ -16,6 +15,7 @@ from absl import logging
 import numpy as np
 
 from sferd_jax import errors
+from sferd_jax import files
 
 DATA_CONFIG_KEYS = ('name', 'image_size', 'channels', 'data_dir', 'random_flip', 'split', 'path')
 SOURCE_NAMES = ('digits', 'fashion_mnist', 'fashion_mnist_tfds', 'cifar10', 'imagenet64', 'npz')
@@ -207,9 +207,9 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype('>i2'), 0x0C: np.dt
 
 def read_idx(path: str) -> np.ndarray:
   """Parses an idx file (LeCun's MNIST format), gzipped or not."""
-  opener = gzip.open if path.endswith('.gz') else open
-  with opener(path, 'rb') as f:
-    data = f.read()
+  data = files.read_bytes(path)
+  if path.endswith('.gz'):
+    data = gzip.decompress(data)
   if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
     raise ValueError(f'{path} is not an idx file (magic bytes {data[:4]!r})')
   dtype, ndim = np.dtype(_IDX_DTYPES[data[2]]), data[3]
@@ -222,7 +222,7 @@ def read_idx(path: str) -> np.ndarray:
 
 def _find_idx(folder, stem):
   for candidate in (stem + '.gz', stem):
-    if os.path.isfile(os.path.join(folder, candidate)):
+    if files.isfile(os.path.join(folder, candidate)):
       return os.path.join(folder, candidate)
   return None
 
@@ -271,17 +271,17 @@ def npz(path: str, split: str = 'train') -> ArraySource:
 
   Every defect of the file is an errors.DataError that names it and the format expected.
   """
-  if not path or not os.path.isfile(path):
+  if not path or not files.isfile(path):
     raise errors.DatasetNotFoundError(f'npz dataset: no file at data.path={path!r}; it must hold {NPZ_FORMAT}')
 
   def defect(what):
     return errors.DataError(f'{path}: {what}. An npz dataset holds {NPZ_FORMAT}.')
 
-  with open(path, 'rb') as f:
+  with files.open_file(path, 'rb') as f:
     if f.read(4) != b'PK\x03\x04':  # numpy would take anything else for a pickle
       raise defect('cannot be read as an .npz (it is not a zip archive; write it with np.savez)')
   try:
-    with np.load(path, allow_pickle=False) as f:  # never unpickle a data file
+    with files.load_npz(path) as f:  # never unpickle a data file
       arrays = {k: f[k] for k in f.keys()}
   except ValueError as e:  # numpy refuses object arrays without allow_pickle
     raise defect(f'holds an array of Python objects, which is never loaded ({e})') from None
@@ -332,17 +332,17 @@ def _prepared_version(data_dir, tfds_name, split):
   the wrong way; looking for the files first gives a message that says what to do.
   """
   root = os.path.join(data_dir, tfds_name)
-  versions = sorted((v for v in os.listdir(root) if re.fullmatch(r'\d+\.\d+\.\d+', v)), key=_version_key,
-                    reverse=True) if os.path.isdir(root) else []
+  versions = sorted((v for v in files.listdir(root) if re.fullmatch(r'\d+\.\d+\.\d+', v)), key=_version_key,
+                    reverse=True)
   base_split = split.split('[')[0]  # 'train[:10%]' reads the train files
   why = f'no {root}/<version>/dataset_info.json'
   for version in versions:
     folder = os.path.join(root, version)
-    if not os.path.isfile(os.path.join(folder, 'dataset_info.json')):
+    if not files.isfile(os.path.join(folder, 'dataset_info.json')):
       continue
-    if glob.glob(os.path.join(folder, f'*-{base_split}.array_record*')):
+    if files.glob(folder, f'*-{base_split}.array_record*'):
       return version, None
-    if glob.glob(os.path.join(folder, f'*-{base_split}.tfrecord*')):
+    if files.glob(folder, f'*-{base_split}.tfrecord*'):
       why = (f'{folder} holds {base_split!r} as tfrecord, which cannot be read without TensorFlow; prepare it '
              "again with file_format='array_record' (in another data_dir, or after deleting that folder)")
     else:

@@ -18,6 +18,7 @@ import optax
 from flax import traverse_util
 
 from sferd_jax import errors
+from sferd_jax import files
 from sferd_jax.evaluation import features
 from sferd_jax.evaluation import metrics
 
@@ -150,18 +151,18 @@ def save_classifier(path, model, params):
   config = {'num_classes': model.num_classes, 'image_shape': list(model.image_shape), 'widths': list(model.widths),
             'feature_dim': model.feature_dim}
   flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep='/').items()}
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, 'wb') as f:
+  files.makedirs(os.path.dirname(files.absolute(path)))
+  with files.open_file(path, 'wb') as f:
     np.savez(f, __config__=np.str_(json.dumps(config)), **flat)
 
 
 def load_classifier(path):
   """-> (model, params) from save_classifier's file; refuses a file whose params do not fit its config."""
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  if not files.isfile(path):
     raise FileNotFoundError(f'classifier {path!r} not found: train one with classifier.train_classifier and '
                             'save it with classifier.save_classifier')
-  with np.load(path, allow_pickle=False) as data:
+  with files.load_npz(path) as data:
     if '__config__' not in data.files:
       raise ValueError(f'{path!r} is not a classifier file (no __config__)')
     config = json.loads(str(data['__config__']))

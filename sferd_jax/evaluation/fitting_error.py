@@ -42,7 +42,6 @@ index in config.analyze.times), maps.npz (also risky_t<i>: the risky mask, foreg
 """
 
 import itertools
-import json
 import math
 import os
 from typing import NamedTuple
@@ -58,6 +57,7 @@ from sferd_jax.diffusion import process
 from sferd_jax.diffusion import schedules
 from sferd_jax import errors
 from sferd_jax import exports
+from sferd_jax import files
 from sferd_jax import images as images_lib
 from sferd_jax import layout
 from sferd_jax.models import denoiser
@@ -397,7 +397,7 @@ def plot_bias_variance(path, levels):
   ax.set_ylabel('per pixel and channel')
   ax.set_title('fitting error of the x prediction')
   ax.legend()
-  fig.savefig(path, dpi=120)
+  images_lib.save_figure(fig, path, dpi=120)
 
 
 def plot_correlation(path, levels, blocks):
@@ -412,7 +412,7 @@ def plot_correlation(path, levels, blocks):
   ax.set_ylabel('corr(variance map, attention mass)')
   ax.set_title('per-image Pearson correlation, mean over images')
   ax.legend(fontsize='small')
-  fig.savefig(path, dpi=120)
+  images_lib.save_figure(fig, path, dpi=120)
 
 
 def _show_image(ax, image):
@@ -442,7 +442,7 @@ def plot_maps(path, *, x0, x_mean, bv, mass, block, t, correlation):
     axes[r, 0].set_ylabel(label, fontsize='small')
   corr = '' if block is None else f', corr {correlation:.3f}'
   fig.suptitle(f't = {t:g}{corr}', fontsize='medium')
-  fig.savefig(path, dpi=100)
+  images_lib.save_figure(fig, path, dpi=100)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -542,7 +542,7 @@ def run_analysis(config, workdir, *, mask_model_path=None, num_permutations=NULL
   exhaustive = len(x0) >= 2 and num_derangements(len(x0)) <= num_permutations
   diffusion = dict(model.config.diffusion)
   out_dir = layout.RunLayout(workdir).analyze_dir
-  os.makedirs(out_dir, exist_ok=True)
+  files.makedirs(out_dir)
   levels, plots, arrays = [], [], {'x0': x0, 'times': np.asarray(cfg.times, np.float32)}
   for i, t in enumerate(cfg.times):
     logsnr = float(schedules.cosine_logsnr(t, logsnr_min=diffusion['logsnr_min'], logsnr_max=diffusion['logsnr_max']))
@@ -587,7 +587,8 @@ def run_analysis(config, workdir, *, mask_model_path=None, num_permutations=NULL
   plot_correlation(os.path.join(out_dir, 'correlation.png'), levels, blocks)
   plots = ['bias_variance.png', 'correlation.png'] + plots
   arrays['foreground'] = foreground_mask(x0)
-  np.savez(os.path.join(out_dir, 'maps.npz'), **{k: np.asarray(v, np.float32) for k, v in arrays.items()})
+  with files.atomic_path(os.path.join(out_dir, 'maps.npz')) as tmp:
+    np.savez(tmp, **{k: np.asarray(v, np.float32) for k, v in arrays.items()})
 
   candidates = [(lv['correlation'][b['name']], lv['t'], b['name']) for lv in levels for b in blocks
                 if math.isfinite(lv['correlation'][b['name']])]
@@ -627,7 +628,6 @@ def run_analysis(config, workdir, *, mask_model_path=None, num_permutations=NULL
                                       'over images; risky_fraction: the mask\'s share of pixels'))),
       best=None if best is None else dict(correlation=best[0], t=best[1], block=best[2]),
       plots=plots, maps='maps.npz')
-  with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
-    json.dump(summary, f, indent=2)
+  files.write_json_atomic(os.path.join(out_dir, 'summary.json'), summary)
   logging.info('analyze: wrote %s (plots: %s)', out_dir, ', '.join(plots))
   return summary

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from sferd_jax import files
+
 from sferd_jax.evaluation import features
 from sferd_jax.evaluation import metrics
 
@@ -265,9 +267,9 @@ def param_shapes(*, with_logits=False):
 def load_inception_params(npz_path):
   """Reads the exported .npz into a Flax param tree; refuses a missing file or keys/shapes that do not match."""
   npz_path = os.fspath(npz_path)
-  if not os.path.isfile(npz_path):
+  if not files.isfile(npz_path):
     raise FileNotFoundError(f'Inception weights {npz_path!r} not found. {_EXPORT_HINT}')
-  with np.load(npz_path, allow_pickle=False) as data:
+  with files.load_npz(npz_path) as data:
     arrays = {k: data[k] for k in data.files}
   with_logits = 'output/kernel' in arrays
   expected = param_shapes(with_logits=with_logits)

@@ -16,6 +16,8 @@ import numpy as np
 import scipy.linalg
 import scipy.special
 
+from sferd_jax import files
+
 
 def feature_statistics(features):
   """(N, D) features -> mean (D,) and covariance (D, D) with ddof=1, in float64."""
@@ -174,8 +176,8 @@ def save_reference_stats(path, *, mu, sigma, num_images, extractor):
   mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
   if mu.ndim != 1 or sigma.shape != mu.shape * 2:
     raise ValueError(f'mu must be (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}')
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, 'wb') as f:  # A file object: np.savez would otherwise append '.npz' to other suffixes.
+  files.makedirs(os.path.dirname(files.absolute(path)))
+  with files.open_file(path, 'wb') as f:  # A file object: np.savez would otherwise append '.npz' to other suffixes.
     np.savez(f, mu=mu, sigma=sigma, num_images=np.int64(num_images), extractor=np.str_(extractor))
 
 
@@ -186,10 +188,10 @@ def load_reference_stats(path, *, extractor, min_images=None):
   clean-fid's): only do that for files known to come from the same network and preprocessing.
   """
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  if not files.isfile(path):
     raise FileNotFoundError(f'reference statistics {path!r} not found: compute them from the dataset with the '
                             'same feature extractor (metrics.feature_statistics + save_reference_stats)')
-  with np.load(path, allow_pickle=False) as data:
+  with files.load_npz(path) as data:
     if 'mu' not in data.files or 'sigma' not in data.files:
       raise ValueError(f'{path!r} has no mu/sigma arrays (keys: {data.files})')
     mu, sigma = data['mu'].astype(np.float64), data['sigma'].astype(np.float64)

@@ -405,7 +405,7 @@ def write_report(rows, directory, **summarize_kwargs):
   Each file is written atomically (a crash leaves the previous report, not half of one). Keyword arguments go
   to summarize. Returns the summary.
   """
-  os.makedirs(directory, exist_ok=True)
+  files.makedirs(directory)
   summary = summarize(rows, **summarize_kwargs)
   payload = json.dumps(_jsonable(dict(rows=list(rows), summary=summary)), indent=2, allow_nan=False)
   files.write_text_atomic(os.path.join(directory, RESULTS_JSON), payload + '\n')

@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 
 from sferd_jax import errors
 from sferd_jax import exports
+from sferd_jax import files
 
 
 def _abstract(tree):
@@ -27,13 +28,13 @@ class PhaseCheckpoints:
   """The rolling checkpoints of one training phase, for resuming it."""
 
   def __init__(self, directory, *, keep):
-    self.directory = os.path.abspath(os.path.join(directory, 'checkpoints'))
+    self.directory = files.absolute(os.path.join(directory, 'checkpoints'))
     try:
-      os.makedirs(self.directory, exist_ok=True)
+      files.makedirs(self.directory)
     except OSError as e:
       raise errors.CheckpointError(f'cannot create the checkpoint folder {self.directory}: {e}. Choose a --workdir you '
                                    f'can write to.') from None
-    if not os.access(self.directory, os.W_OK):
+    if not files.is_remote(self.directory) and not os.access(self.directory, os.W_OK):
       raise errors.CheckpointError(f'the checkpoint folder {self.directory} is not writable. Choose another '
                                    f'--workdir.')
     self.manager = ocp.CheckpointManager(
@@ -87,8 +88,7 @@ class PhaseCheckpoints:
     """Moves a bad checkpoint to <phase>/corrupt_checkpoints/<step>_<time> (never deletes it)."""
     aside = os.path.join(os.path.dirname(self.directory), 'corrupt_checkpoints', f'{step}_{int(time.time())}')
     if jax.process_index() == 0:
-      os.makedirs(os.path.dirname(aside), exist_ok=True)
-      os.replace(os.path.join(self.directory, str(step)), aside)
+      files.move(os.path.join(self.directory, str(step)), aside)
     multihost_utils.sync_global_devices(f'set aside {self.directory}/{step}')
     logging.warning('the checkpoint %s/%d is corrupt (%s); moved it to %s; trying an earlier one', self.directory,
                     step, why, aside)

@@ -82,7 +82,7 @@ def _read_metrics(path):
   """(step, line) of each record in metrics.jsonl. A line that does not parse (one a kill cut short) is skipped
   with a warning: losing a log line must not stop a resume."""
   records = []
-  with open(path, 'rb') as f:  # bytes: a line that is not UTF-8 is one more unreadable line, not an error
+  with files.open_file(path, 'rb') as f:  # bytes: a line that is not UTF-8 is one more unreadable line, not an error
     for number, raw in enumerate(f, 1):
       if not raw.strip():
         continue
@@ -103,14 +103,13 @@ class MetricsLog:
       self.path = None
       return
     kept = []
-    if os.path.exists(self.path):
+    if files.exists(self.path):
       kept = [line for step, line in _read_metrics(self.path) if step <= resume_step]
     files.write_text_atomic(self.path, ''.join(kept))  # a kill now leaves the old log or the new one
 
   def write(self, record):
     if self.path:
-      with open(self.path, 'a') as f:
-        f.write(json.dumps(record) + '\n')
+      files.append_text(self.path, json.dumps(record) + '\n')
 
 
 def record_diff(saved, now, prefix=''):
@@ -218,7 +217,7 @@ def _write_grid(phase, state, step):
 def _finish(phase, state, summary):
   """The final grid and summary.json, written after the last checkpoint (which holds the summary)."""
   grid_path = os.path.join(phase.directory, 'samples', f'step_{phase.train_config.train_steps:08d}.png')
-  if not os.path.exists(grid_path):  # a skipped phase writes only what a kill left unwritten
+  if not files.exists(grid_path):  # a skipped phase writes only what a kill left unwritten
     _write_grid(phase, state, phase.train_config.train_steps)
   if jax.process_index() == 0:
     files.write_json_atomic(os.path.join(phase.directory, 'summary.json'), summary)
@@ -230,7 +229,7 @@ def run_phase(phase, *, batches, mesh, rng):
   per_call = cfg.steps_per_call
   _check_steps_per_call(phase)
   sharding.check_batch_size(cfg.batch_size, mesh, what=f'{phase.name}: batch_size')
-  os.makedirs(phase.directory, exist_ok=True)
+  files.makedirs(phase.directory)
   ckpts = checkpointing.PhaseCheckpoints(phase.directory, keep=cfg.keep_checkpoints)
   latest = ckpts.latest_step()
   if latest is not None:

@@ -7,7 +7,6 @@ Adding a phase is a step in steps.py, a spec builder and a jobs function below, 
 import dataclasses
 import functools
 import hashlib
-import os
 from typing import Any, Callable, Optional
 
 import jax
@@ -20,6 +19,7 @@ from sferd_jax import data as data_lib
 from sferd_jax.data import codes as codes_lib
 from sferd_jax import errors
 from sferd_jax import exports
+from sferd_jax import files
 from sferd_jax import layout
 from sferd_jax.models import latent as latent_lib
 from sferd_jax.models import semantic as semantic_lib
@@ -164,18 +164,17 @@ def data_record(config):
   """What a phase was trained on, for its resumes and the phases after it to compare: the data section with the
   image shape, and for a file dataset (npz) a fingerprint of the file's bytes, so a changed file is caught too."""
   record = data_lib.data_config(config)
-  if config.data.name == 'npz' and config.data.path and os.path.isfile(config.data.path):
-    stat = os.stat(config.data.path)
-    record['content'] = _file_fingerprint(os.path.abspath(config.data.path), stat.st_size, stat.st_mtime_ns)
+  if config.data.name == 'npz' and config.data.path and files.isfile(config.data.path):
+    record['content'] = _file_fingerprint(files.absolute(config.data.path), *files.size_and_mtime(config.data.path))
   return record
 
 
 @functools.lru_cache(maxsize=8)
-def _file_fingerprint(path, size, mtime_ns):
+def _file_fingerprint(path, size, mtime):
   """A file's SHA-256 (16 hex digits), read once per (path, size, mtime): a multi-GB npz is hashed once a run."""
-  del size, mtime_ns  # the cache key: a rewritten file is hashed again
+  del size, mtime  # the cache key: a rewritten file is hashed again
   digest = hashlib.sha256()
-  with open(path, 'rb') as f:
+  with files.open_file(path, 'rb') as f:
     for chunk in iter(lambda: f.read(1 << 20), b''):
       digest.update(chunk)
   return digest.hexdigest()[:16]
@@ -217,7 +216,7 @@ def check_architecture(export_path, config):
 
 def teacher_path(config, workdir):
   """The model stage 1 distils: config.distill.teacher, or the teacher phase's export in the workdir."""
-  return os.path.abspath(config.distill.teacher or layout.RunLayout(workdir).teacher_model)
+  return files.absolute(config.distill.teacher or layout.RunLayout(workdir).teacher_model)
 
 
 def stage_teacher_path(config, workdir, stage):
