@@ -31,6 +31,10 @@ class RunLockedError(RuntimeError):
   """Another process is running in the same run folder."""
 
 
+class OtherProcessError(RuntimeError):
+  """Process 0 of a multi-host job failed at something it does alone; the message is its error."""
+
+
 USER_ERRORS = (ConfigError, CheckpointError, IncompatibleRunError, TrainingDivergedError, DataError,
-               DatasetNotFoundError, RunLockedError)
+               DatasetNotFoundError, RunLockedError, OtherProcessError)
 USER_ERROR_EXIT_CODE = 2  # as argparse and absl's flag errors: the command line or its inputs need a change

@@ -7,6 +7,7 @@ r"""sferd_jax command line: train, distill, sample and evaluate.
 Any config key can be overridden with --config.<key>=<value>. Running the same command again resumes.
 """
 
+import contextlib
 import json
 import logging as std_logging
 import os
@@ -45,12 +46,18 @@ class _QuietOrbax(std_logging.Filter):
 
 def _save_config(config, workdir, *, replace):
   """config_<mode>.json: written when the run starts if there is none, and when it ends well (a refused or failed
-  run leaves the record of the last good one)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from sferd_jax import files  # pylint: disable=g-import-not-at-top
+  run leaves the record of the last good one). One writer, process 0; the others would race it."""
+  from sferd_jax import files, sharding  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, f'config_{_MODE.value}.json')
-  if jax.process_index() == 0 and (replace or not os.path.exists(path)):  # one writer; the others would race
-    files.write_text_atomic(path, json.dumps(config.to_dict(), indent=2, default=list))
+
+  def write():
+    try:
+      if replace or not files.exists(path):
+        files.write_text_atomic(path, json.dumps(config.to_dict(), indent=2, default=list))
+    except OSError as e:
+      raise errors.ConfigError(f'--workdir={workdir} is not writable ({e}); choose another folder') from None
+
+  sharding.on_process_zero(write, what=f'writing {path}')
 
 
 def _run_study(config, workdir):
@@ -87,19 +94,26 @@ def _write_samples(config, workdir):
   logging.info('wrote %d samples of %s (%d steps) to %s.{png,npz}', len(samples), model.path, num_steps, out)
 
 
+@contextlib.contextmanager
 def _lock(workdir):
-  """One run per run folder (files.run_lock), taken by process 0 of a multi-host job for all of them; the sample
-  mode only reads models and writes its own files, so it may run beside a training run."""
-  import contextlib  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  from sferd_jax import files  # pylint: disable=g-import-not-at-top
-  if _MODE.value == 'sample' or jax.process_index() != 0:
-    return contextlib.nullcontext()
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise errors.ConfigError(f'--workdir={workdir} cannot be created ({e}); choose another folder') from None
-  return files.run_lock(workdir)
+  """One run per run folder (files.run_lock), taken by process 0 of a multi-host job for all of them (when it
+  cannot, every process stops); the sample mode only reads models and writes its own files, so it may run beside a
+  training run."""
+  from sferd_jax import files, sharding  # pylint: disable=g-import-not-at-top
+  if _MODE.value == 'sample':
+    yield
+    return
+  with contextlib.ExitStack() as held:
+
+    def take():
+      try:
+        files.makedirs(workdir)
+      except OSError as e:
+        raise errors.ConfigError(f'--workdir={workdir} cannot be created ({e}); choose another folder') from None
+      held.enter_context(files.run_lock(workdir))
+
+    sharding.on_process_zero(take, what=f'locking {workdir}')
+    yield
 
 
 def main(argv):
@@ -111,22 +125,17 @@ def main(argv):
     import jax  # pylint: disable=g-import-not-at-top
     jax.config.update('jax_compilation_cache_dir', _JIT_CACHE.value)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 2.0)
-  from sferd_jax import pipeline, sharding  # pylint: disable=g-import-not-at-top
+  from sferd_jax import files, pipeline, sharding  # pylint: disable=g-import-not-at-top
   from sferd_jax.evaluation import fitting_error  # pylint: disable=g-import-not-at-top
   config, workdir = _CONFIG.value, _WORKDIR.value
   try:
     if config is None or not workdir:
       raise errors.ConfigError('pass --config=configs/<name>.py and --workdir=<run folder>')
-    if '://' in workdir:
-      raise errors.ConfigError(f'--workdir={workdir}: use a local or shared POSIX folder (a mounted bucket '
-                               f'works); sferd_jax writes its run folder with ordinary file operations')
     config_lib.validate(config)
+    files.check_reachable(workdir)
     sharding.initialize_distributed()  # before anything asks for devices or the process index
     with _lock(workdir):
-      try:
-        _save_config(config, workdir, replace=False)
-      except OSError as e:
-        raise errors.ConfigError(f'--workdir={workdir} is not writable ({e}); choose another folder') from None
+      _save_config(config, workdir, replace=False)
       if _MODE.value in PHASE_MODES:
         pipeline.run_phase(config, workdir, PHASE_MODES[_MODE.value])
       else:

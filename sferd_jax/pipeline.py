@@ -49,9 +49,11 @@ def _check(config, workdir, name, mesh, *, before=()):
 
 
 def write_stage_table(run, infos):
-  """distill/stages.json and stages.md: one row per stage, from each stage's export."""
-  if jax.process_index() != 0:
-    return
+  """distill/stages.json and stages.md: one row per stage, from each stage's export (process 0 writes)."""
+  sharding.on_process_zero(lambda: _write_stage_table(run, infos), what='writing the stage table')
+
+
+def _write_stage_table(run, infos):
   rows = [dict(stage=info['stage'], teacher_steps=2 * info['num_steps'], student_steps=info['num_steps'],
                **{k: info['summary'][k] for k in ('final_loss', 'wall_s', 'images_per_s', 'compile_s')})
           for info in infos]
@@ -68,8 +70,11 @@ def write_comparison(config, workdir, *, student_steps=(4, 2, 1), num_samples=8)
 
   Process 0 alone loads, samples and writes (a load onto one process's devices involves that process only).
   """
-  if jax.process_index() != 0:
-    return
+  sharding.on_process_zero(lambda: _write_comparison(config, workdir, student_steps, num_samples),
+                           what='writing the comparison grid')
+
+
+def _write_comparison(config, workdir, student_steps, num_samples):
   run = layout.RunLayout(workdir)
   candidates = [('teacher', run.teacher_model)]
   for stage in range(1, config_lib.num_stages(config) + 1):

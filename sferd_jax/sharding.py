@@ -6,6 +6,7 @@ steps-per-call axis: (K, local_batch, ...). They are sharded on their batch axis
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -26,11 +27,42 @@ def multi_host_environment(env):
 
 
 def initialize_distributed():
-  """Joins a multi-host job (TPU pods, SLURM/MPI GPU clusters); a no-op on one host."""
+  """Joins a multi-host job (TPU pods, SLURM/MPI GPU clusters); a no-op on one host.
+
+  JAX finds the process count and this process's id itself on TPU VMs, SLURM and Open MPI. Elsewhere (processes
+  started by hand or by another scheduler) set JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID in each process's environment."""
   import os  # pylint: disable=g-import-not-at-top
   if multi_host_environment(os.environ) and not jax.distributed.is_initialized():
     use_gloo_on_cpu()
-    jax.distributed.initialize()
+    given = {key: int(os.environ[name]) for key, name in (('num_processes', 'JAX_NUM_PROCESSES'),
+                                                          ('process_id', 'JAX_PROCESS_ID')) if name in os.environ}
+    jax.distributed.initialize(**given)
+
+
+def on_process_zero(fn, *, what):
+  """fn() on process 0 alone (a writer, a lock, the evaluation), with its outcome shared: when fn raises there,
+  every other process raises OtherProcessError with its message at once, rather than waiting in the next collective
+  until JAX's heartbeat timeout ends it with no reason given. Returns fn()'s result on process 0, None elsewhere."""
+  if jax.process_count() == 1:
+    return fn()
+  result, error, message = None, None, np.zeros(_MESSAGE_BYTES, np.uint8)
+  if jax.process_index() == 0:
+    try:
+      result = fn()
+    except BaseException as e:  # pylint: disable=broad-except  (re-raised below, after the others are told)
+      error = e
+      text = f'{what} failed on process 0: {e}'.encode()[:_MESSAGE_BYTES - 1]
+      message[0], message[1:1 + len(text)] = 1, np.frombuffer(text, np.uint8)
+  shared = np.asarray(multihost_utils.broadcast_one_to_all(message))  # also the barrier: all wait for process 0
+  if error is not None:
+    raise error
+  if shared[0]:
+    raise errors.OtherProcessError(bytes(shared[1:]).rstrip(b'\0').decode(errors='replace'))
+  return result
+
+
+_MESSAGE_BYTES = 2048  # an error message, as bytes, broadcast from process 0
 
 
 def use_gloo_on_cpu():

@@ -1,10 +1,13 @@
 """One process of a local multi-process run of the tiny config (tests/test_multiprocess.py starts them):
 
-  python tests/multiprocess_worker.py <process_id> <num_processes> <port> <workdir> <phase,phase,...>
+  python tests/multiprocess_worker.py <process_id> <num_processes> <port> <workdir> <phase,phase,...> [<kill after>]
 
-Each process has 2 CPU devices; after the phases, each loads the run's last model and samples it on its own.
+Each process has 2 CPU devices; after the phases, each loads the run's last model and samples it on its own. It
+records, in <workdir>.io/process_<id>.json, the example indices it read per phase and step and the project files it
+wrote. With <kill after>, the teacher phase is killed at that batch, in every process (as a preemption would).
 """
 
+import json
 import os
 import sys
 
@@ -18,7 +21,41 @@ import jax  # noqa: E402  pylint: disable=wrong-import-position
 from sferd_jax import sharding  # noqa: E402  pylint: disable=wrong-import-position
 
 
-def main(process_id, num_processes, port, workdir, phases):
+def _record_io(record):
+  """Notes every batch this process reads and every project file it writes (files.py is the only writer)."""
+  from sferd_jax import files  # pylint: disable=g-import-not-at-top
+  from sferd_jax.data import pipeline as data_pipeline  # pylint: disable=g-import-not-at-top
+  get, atomic_path, append_text = data_pipeline.Batches.get, files.atomic_path, files.append_text
+
+  def recording_get(self, step, num_steps=1):
+    if not hasattr(self, 'recorded_as'):  # one Batches per phase or stage, made in the same order everywhere
+      self.recorded_as = str(len(record['reads']))
+      record['reads'][self.recorded_as] = {}
+    record['reads'][self.recorded_as][str(step)] = self.indices(step, num_steps)[0].tolist()
+    return get(self, step, num_steps)
+
+  def recording_atomic_path(path):
+    record['writes'].append(path)
+    return atomic_path(path)
+
+  def recording_append_text(path, text):
+    record['writes'].append(path)
+    return append_text(path, text)
+
+  data_pipeline.Batches.get = recording_get
+  files.atomic_path = recording_atomic_path
+  files.append_text = recording_append_text
+
+
+def _kill_teacher_at(after):
+  import test_training  # pylint: disable=g-import-not-at-top
+  from sferd_jax.training import phases  # pylint: disable=g-import-not-at-top
+  real = phases.make_batches
+  phases.make_batches = lambda config, spec: (test_training._Interrupting(real(config, spec), after)
+                                              if spec.name == 'teacher' else real(config, spec))
+
+
+def main(process_id, num_processes, port, workdir, phases, kill_after=None):
   sharding.use_gloo_on_cpu()
   # A short heartbeat: when a process dies, the others stop within seconds rather than JAX's default 100 s.
   jax.distributed.initialize(f'localhost:{port}', num_processes, process_id, heartbeat_timeout_seconds=10)
@@ -29,10 +66,19 @@ def main(process_id, num_processes, port, workdir, phases):
   from sferd_jax import pipeline  # pylint: disable=g-import-not-at-top
   print(f'process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} of '
         f'{jax.device_count()} devices', flush=True)
-  pipeline.run_pipeline(tiny.load_config(phases=tuple(phases.split(','))), workdir)
+  record = {'reads': {}, 'writes': []}
+  _record_io(record)
+  if kill_after:
+    _kill_teacher_at(int(kill_after))
+  try:
+    pipeline.run_pipeline(tiny.load_config(phases=tuple(phases.split(','))), workdir)
+  finally:
+    os.makedirs(workdir + '.io', exist_ok=True)
+    with open(os.path.join(workdir + '.io', f'process_{process_id}.json'), 'w') as f:
+      json.dump(record, f)
   images = sferd_jax.load(workdir).sample(jax.random.key(0), num_samples=4)
   print(f'sampled {images.shape}', flush=True)
 
 
 if __name__ == '__main__':
-  main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5])
+  main(*(int(a) if i < 2 else a for i, a in enumerate(sys.argv[1:])))

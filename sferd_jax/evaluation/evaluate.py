@@ -46,7 +46,6 @@ from typing import Optional
 import zlib
 
 import jax
-from jax.experimental import multihost_utils
 import numpy as np
 from absl import logging
 
@@ -62,6 +61,7 @@ from sferd_jax import images as images_lib
 from sferd_jax import layout
 from sferd_jax import progress
 from sferd_jax import sampling
+from sferd_jax import sharding
 
 RESULTS_JSON = 'results.json'
 RESULTS_MD = 'results.md'
@@ -180,7 +180,7 @@ def classifier_feature_fn(config, workdir):
   directory = layout.RunLayout(workdir).classifier_dir
   path, info_path = os.path.join(directory, 'classifier.npz'), os.path.join(directory, 'info.json')
   accuracy = None
-  if not os.path.exists(path):
+  if not files.exists(path):
     source = data_lib.load_source(data_lib.data_config(config))
     if source.num_classes < 2:  # Before reading up to CLASSIFIER_MAX_IMAGES images for nothing.
       raise classifier_lib.untrainable_error(source.describe())
@@ -199,9 +199,8 @@ def classifier_feature_fn(config, workdir):
       classifier_lib.save_classifier(tmp, model, params)
     logging.info('evaluate: classifier trained in %.0f s, held-out accuracy %.3f; saved to %s', info['train_s'],
                  accuracy, path)
-  elif os.path.exists(info_path):
-    with open(info_path) as f:
-      info = json.load(f)
+  elif files.exists(info_path):
+    info = files.read_json(info_path)
     trained_on, accuracy = dict(info['data'], num_images=None), info.get('held_out_accuracy')
     wanted = dict(json.loads(_data_description(config, 0)), num_images=None)
     if trained_on != wanted:
@@ -288,13 +287,13 @@ def reference_path(workdir, extractor):
 
 
 def _features_in(path):
-  with np.load(path, allow_pickle=False) as data:
+  with files.load_npz(path) as data:
     return data['features'].astype(np.float32) if 'features' in data.files else None
 
 
 def _rows_in(path):
   """(indices, data description) of a reference file made by reference_for; (None, None) for other files."""
-  with np.load(path, allow_pickle=False) as data:
+  with files.load_npz(path) as data:
     if 'indices' not in data.files or 'data' not in data.files:
       return None, None
     return data['indices'].astype(np.int64), str(data['data'])
@@ -309,7 +308,7 @@ def _source_features(feature_fn, source, indices, chunk):
 
 def _names_extractor(path):
   """Whether an .npz (known to exist) says which extractor made it; published mu/sigma files do not."""
-  with np.load(path, allow_pickle=False) as data:
+  with files.load_npz(path) as data:
     return 'extractor' in data.files
 
 
@@ -320,7 +319,7 @@ def given_reference(path, extractor):
   classifier's features exist only in this run. They hold no features, so KID is not computed.
   """
   try:
-    published = is_inception(extractor) and os.path.isfile(path) and not _names_extractor(path)
+    published = is_inception(extractor) and files.isfile(path) and not _names_extractor(path)
     stats = metrics.load_reference_stats(path, extractor=None if published else extractor)
     features = _features_in(path)
     indices, data = _rows_in(path)
@@ -336,7 +335,7 @@ def given_reference(path, extractor):
   if features is None:
     logging.warning('evaluate: %s holds no reference features: KID is not computed (reported as "-"); FID and IS '
                     'are. Set config.evaluate.reference_stats=None to compute all three from config.data', path)
-  return Reference(stats, features, os.path.abspath(path), indices=indices, data=data)
+  return Reference(stats, features, files.absolute(path), indices=indices, data=data)
 
 
 def reference_for(config, workdir, feature_fn, *, split=None):
@@ -357,8 +356,8 @@ def reference_for(config, workdir, feature_fn, *, split=None):
   description = _data_description(config, num_images, seed=config.seed if num_images < len(source) else None,
                                   **({} if own_split else {'split': split}))
   indices = _subset(len(source), num_images, config.seed)
-  if os.path.exists(path):
-    with np.load(path, allow_pickle=False) as data:
+  if files.exists(path):
+    with files.load_npz(path) as data:
       cached = str(data['data']) if 'data' in data.files else None
     if cached == description:
       stats = metrics.load_reference_stats(path, extractor=extractor)
@@ -464,8 +463,8 @@ def held_out_distance(config, workdir, feature_fn, reference):
   fingerprint = f'{zlib.crc32(np.ascontiguousarray(exclude if exclude is not None else [], np.int64), crc):08x}'
   path = held_out_path(workdir, feature_fn.extractor)
   features = None
-  if os.path.exists(path):
-    with np.load(path, allow_pickle=False) as data:
+  if files.exists(path):
+    with files.load_npz(path) as data:
       if str(data['data']) == description:
         if str(data['reference']) == fingerprint:
           return float(data['nn_dist'])
@@ -489,9 +488,9 @@ def held_out_distance(config, workdir, feature_fn, reference):
 
 def model_label(path, workdir):
   """'teacher', 'distill/stage_2' for exports in the workdir (without the trailing model/); else the path."""
-  folder = path[:-len('/model')] if path.endswith(os.sep + 'model') else path
-  rel = os.path.relpath(folder, os.path.abspath(workdir))
-  return folder if rel.startswith('..') else rel.replace(os.sep, '/')
+  folder = path[:-len('/model')] if path.endswith('/model') else path
+  workdir = files.absolute(workdir).rstrip('/') + '/'
+  return folder[len(workdir):] if folder.startswith(workdir) else folder
 
 
 def _resolve(path, workdir):
@@ -502,10 +501,10 @@ def model_paths(config, workdir):
   """The exported models to score: config.evaluate.models, or the teacher and every finished stage."""
   if config.evaluate.models:
     return [_resolve(p, workdir) for p in config.evaluate.models]
-  found = layout.RunLayout(os.path.abspath(workdir)).finished_models()
+  found = layout.RunLayout(files.absolute(workdir)).finished_models()
   if not found:
     raise errors.CheckpointError(
-        f'nothing to evaluate in {os.path.abspath(workdir)}: no exported teacher/model or distill/stage_<k>/model. '
+        f'nothing to evaluate in {files.absolute(workdir)}: no exported teacher/model or distill/stage_<k>/model. '
         'Train first (python -m sferd_jax.main --mode=pipeline ...), or list exported models in '
         'config.evaluate.models.')
   return found
@@ -570,16 +569,15 @@ def variant_meta(config, variant, model):
 def check_meta(directory, meta):
   """Writes <variant>/meta.json, or refuses when the rounds already there were drawn otherwise."""
   path = os.path.join(directory, 'meta.json')
-  if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
+  if files.exists(path):
+    saved = files.read_json(path)
     if saved != meta:
       diff = {k: (saved.get(k), meta.get(k)) for k in sorted(set(saved) | set(meta)) if saved.get(k) != meta.get(k)}
       raise errors.IncompatibleRunError(
           f'{directory} holds samples drawn with other settings (key: (saved, now)): {diff}. Delete that folder to '
           'draw them again, or evaluate into another --workdir.')
     return
-  os.makedirs(directory, exist_ok=True)
+  files.makedirs(directory)
   files.write_text_atomic(path, json.dumps(meta, indent=2, sort_keys=True) + '\n')
 
 
@@ -589,18 +587,18 @@ def check_meta(directory, meta):
 
 def _cached_features(path, extractor, n):
   """The round's cached features if they were made by this extractor for n samples, else None."""
-  if not os.path.exists(path):
+  if not files.exists(path):
     return None
-  with np.load(path, allow_pickle=False) as data:
+  with files.load_npz(path) as data:
     if str(data['extractor']) != extractor or data['pool'].shape[0] != n:
       return None
     return {k: data[k] for k in ('pool', 'logits') if k in data.files}
 
 
 def _cached_images(path, n):
-  if not os.path.exists(path):
+  if not files.exists(path):
     return None
-  with np.load(path, allow_pickle=False) as data:
+  with files.load_npz(path) as data:
     images = data['images']
   return images if images.shape[0] == n else None
 
@@ -618,7 +616,7 @@ def draw_round(model, config, variant, round_index, n):
 def write_grid(directory, first_round_size):
   """<variant>/samples.png from round 0's samples, unless it exists or they are gone (only features kept)."""
   grid = os.path.join(directory, 'samples.png')
-  if os.path.exists(grid):
+  if files.exists(grid):
     return
   images = _cached_images(round_path(directory, 0), first_round_size)
   if images is None:
@@ -642,7 +640,7 @@ def variant_features(model, config, variant, directory, feature_fn, *, log_prefi
         images = draw_round(model, config, variant, r, n)
         save_npz_atomic(sample_path, images=images)
         times.append(time.time() - start)
-        remaining = sum(1 for i in range(r + 1, len(sizes)) if not os.path.exists(round_path(directory, i)))
+        remaining = sum(1 for i in range(r + 1, len(sizes)) if not files.exists(round_path(directory, i)))
         # The first round of a call includes compilation: leave it out of the rate once there are others.
         per_round = np.mean(times[1:] if len(times) > 1 else times)
         logging.info('%sround %d/%d (%d samples) in %.1f s, %.1f samples/s | ETA %s', log_prefix, r + 1, len(sizes),
@@ -747,14 +745,13 @@ def results_table(rows):
 
 def load_rows(directory):
   path = os.path.join(directory, RESULTS_JSON)
-  if not os.path.exists(path):
+  if not files.exists(path):
     return []
-  with open(path) as f:
-    return json.load(f)
+  return files.read_json(path)
 
 
 def write_results(directory, rows):
-  os.makedirs(directory, exist_ok=True)
+  files.makedirs(directory)
   files.write_text_atomic(os.path.join(directory, RESULTS_JSON), json.dumps(rows, indent=2) + '\n')
   files.write_text_atomic(os.path.join(directory, RESULTS_MD), results_table(rows))
 
@@ -771,15 +768,13 @@ def run_evaluate(config, workdir, *, mesh=None):
   if jax.process_count() == 1:
     return _evaluate(config, workdir, directory)
   # One writer for the round files; sample() runs on one process's devices, so the others would only race it. They
-  # wait for it here: a process that ended early would fail JAX's shutdown barrier during a long evaluation.
-  out = dict(rows=[], extractor=None, results=os.path.join(directory, RESULTS_JSON),
-             table=os.path.join(directory, RESULTS_MD))
-  if jax.process_index() == 0:
-    out = _evaluate(config, workdir, directory)
-  else:
+  # wait for it (a process that ended early would fail JAX's shutdown barrier during a long evaluation) and stop
+  # with its error if it fails.
+  if jax.process_index() != 0:
     logging.info('evaluate: process %d leaves the evaluation to process 0', jax.process_index())
-  multihost_utils.sync_global_devices('evaluate finished')
-  return out
+  out = sharding.on_process_zero(lambda: _evaluate(config, workdir, directory), what='evaluate')
+  return out or dict(rows=[], extractor=None, results=os.path.join(directory, RESULTS_JSON),
+                     table=os.path.join(directory, RESULTS_MD))
 
 
 def _evaluate(config, workdir, directory):
