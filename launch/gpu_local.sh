@@ -7,7 +7,8 @@
 #
 # Required:
 #   CONFIG    config file, relative to the repository root (or absolute), e.g. configs/cifar10_teacher.py
-#   WORKDIR   the run folder (relative paths are under the repository root); not gs://
+#   WORKDIR   the run folder (relative paths are under the repository root), or gs://<bucket>/<run> (needs
+#             pip install -e '.[gcs]')
 # Optional:
 #   VENV      virtualenv to activate first (default: none; the python3 on PATH must have the requirements)
 #   PYTHON    interpreter (default: python3, after VENV is activated)
@@ -24,7 +25,6 @@ need() { [[ -n "${!1:-}" ]] || die "set $1 ($2); see the top of launch/gpu_local
 
 need CONFIG 'a config file, e.g. configs/cifar10_teacher.py'
 need WORKDIR 'the run folder, e.g. runs/c10'
-[[ "$WORKDIR" != gs://* ]] || die "WORKDIR=$WORKDIR: gs:// paths are not supported; use a local or mounted path"
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 [[ -f "$CONFIG" ]] || die "CONFIG=$CONFIG: no such file under $(pwd)"

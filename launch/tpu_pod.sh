@@ -18,16 +18,16 @@
 #   ZONE       its zone
 #   PROJECT    its Google Cloud project
 #   CONFIG     (run) config file, relative to the repository root, e.g. configs/cifar10_teacher.py
-#   WORKDIR    (run) absolute path of the run folder on a filesystem every worker mounts at that same path (NFS,
-#              Filestore, Lustre; a Cloud Storage FUSE mount is untested). Not gs://...: sferd_jax writes its run
-#              folder with ordinary file calls, so a gs:// path would land on each worker's local disk.
+#   WORKDIR    (run) the run folder: a bucket, gs://<bucket>/<run> (what a TPU VM has: the workers' service account
+#              needs write access to it), or an absolute path every worker mounts at that same path (NFS,
+#              Filestore, Lustre).
 # Optional:
 #   REMOTE_DIR        where the checkout goes on each worker (default: sferd_jax, in the remote home)
 #   REMOTE_VENV       the virtualenv made on each worker (default: sferd_venv, in the remote home)
 #   PYTHON            Python >= 3.11 on the workers, used to make REMOTE_VENV (default: python3; older TPU VM images
 #                     ship 3.10: install a newer one there and name it here)
 #   JAX_TPU_SPEC      pip requirement for JAX with TPU support (default: jax[tpu]==<the jax pin in requirements.txt>)
-#   EXTRAS            setup.py extras to install (default: data; empty for none)
+#   EXTRAS            setup.py extras to install (default: data, and gcs when WORKDIR is gs://; empty for none)
 #   COORDINATOR_PORT  port of the JAX coordinator on worker 0 (default: 8482, JAX's own default on Cloud TPU)
 #   TFDS_DATA_DIR     passed on to the workers when set: prepared TFDS datasets, on a path every worker sees
 set -euo pipefail
@@ -47,17 +47,16 @@ need ZONE 'the TPU zone, e.g. us-central2-b'
 need PROJECT 'the Google Cloud project'
 if [[ "$ACTION" == all || "$ACTION" == run ]]; then
   need CONFIG 'a config file, e.g. configs/cifar10_teacher.py'
-  need WORKDIR 'an absolute run folder on a filesystem shared by all workers'
+  need WORKDIR 'gs://<bucket>/<run>, or an absolute run folder on a filesystem shared by all workers'
   [[ -f "$REPO_ROOT/$CONFIG" ]] || die "CONFIG=$CONFIG: no such file under $REPO_ROOT"
-  [[ "$WORKDIR" != gs://* ]] || die "WORKDIR=$WORKDIR: gs:// paths are not supported (sferd_jax writes its run" \
-    "folder with ordinary file calls). Mount a shared filesystem on every worker and use its path."
-  [[ "$WORKDIR" == /* ]] || die "WORKDIR=$WORKDIR must be an absolute path, the same on every worker"
+  [[ "$WORKDIR" == /* || "$WORKDIR" == gs://* ]] || die "WORKDIR=$WORKDIR must be gs://<bucket>/<run> or an" \
+    "absolute path, the same on every worker"
 fi
 
 REMOTE_DIR=${REMOTE_DIR:-sferd_jax}
 REMOTE_VENV=${REMOTE_VENV:-sferd_venv}
 PYTHON=${PYTHON:-python3}
-EXTRAS=${EXTRAS-data}
+if [[ "${WORKDIR:-}" == gs://* ]]; then EXTRAS=${EXTRAS-data,gcs}; else EXTRAS=${EXTRAS-data}; fi
 COORDINATOR_PORT=${COORDINATOR_PORT:-8482}
 if [[ -z "${JAX_TPU_SPEC:-}" ]]; then
   jax_pin=$(sed -n 's/^jax==\([^ ]*\).*/\1/p' "$REPO_ROOT/requirements.txt")

@@ -1,15 +1,21 @@
 """launch/: the scripts parse, refuse to start without their required variables (before touching gcloud or srun),
 and hand the right command and environment to stub gcloud / srun / python; initialize_distributed() is a no-op on
-one host. Nothing here reaches a cloud or a cluster."""
+one host. Then the SLURM and TPU-pod launchers executed, with stand-ins for srun and gcloud that start two real JAX
+processes here. Nothing here reaches a cloud or a cluster."""
 
 import os
+import random
+import socket
 import stat
 import subprocess
 import sys
+import tempfile
 
 import jax
+import numpy as np
 import pytest
 
+from sferd_jax import exports
 from sferd_jax import sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,9 +69,9 @@ def sandbox(tmp_path):
   return env, home, calls
 
 
-def _run(script, env, *args):
+def _run(script, env, *args, timeout=60):
   return subprocess.run(['bash', os.path.join(LAUNCH, script), *args], env=env, capture_output=True, text=True,
-                        timeout=60, cwd=ROOT, check=False)
+                        timeout=timeout, cwd=ROOT, check=False)
 
 
 def _read(path):
@@ -92,13 +98,11 @@ def test_the_three_launchers_exist():
     ('tpu_pod.sh', {'TPU_NAME': 'pod', 'ZONE': 'z', 'PROJECT': 'p', 'CONFIG': 'configs/tiny.py'}, 'set WORKDIR'),
     ('tpu_pod.sh', {'TPU_NAME': 'pod', 'ZONE': 'z', 'PROJECT': 'p', 'CONFIG': 'configs/nope.py', 'WORKDIR': '/w'},
      'no such file'),
-    ('tpu_pod.sh', {'TPU_NAME': 'pod', 'ZONE': 'z', 'PROJECT': 'p', 'CONFIG': 'configs/tiny.py',
-                    'WORKDIR': 'gs://bucket/run'}, 'gs:// paths are not supported'),
     ('tpu_pod.sh', {'TPU_NAME': 'pod', 'ZONE': 'z', 'PROJECT': 'p', 'CONFIG': 'configs/tiny.py', 'WORKDIR': 'runs/x'},
-     'must be an absolute path'),
+     'or an absolute path'),
     ('gpu_slurm.sbatch', {}, 'set CONFIG'),
     ('gpu_slurm.sbatch', {'CONFIG': 'configs/tiny.py'}, 'set WORKDIR'),
-    ('gpu_slurm.sbatch', {'CONFIG': 'configs/tiny.py', 'WORKDIR': 'gs://b/run'}, 'gs:// paths are not supported'),
+    ('gpu_slurm.sbatch', {'CONFIG': 'configs/tiny.py', 'WORKDIR': 'runs/x'}, 'must be an absolute path, the same'),
     ('gpu_slurm.sbatch', {'CONFIG': 'configs/tiny.py', 'WORKDIR': '/shared/run'}, 'submit it with sbatch'),
     ('gpu_local.sh', {}, 'set CONFIG'),
     ('gpu_local.sh', {'CONFIG': 'configs/tiny.py'}, 'set WORKDIR'),
@@ -125,7 +129,7 @@ def test_tpu_pod_setup_run_and_stop_on_stub_workers(sandbox):
   _executable(venv_bin / 'python', PYTHON_STUB)
   _executable(venv_bin / 'pip', '#!/bin/bash\necho "$*" >> "$CALLS/pip.txt"\n')
   env = {**base, 'TPU_NAME': 'my-pod', 'ZONE': 'us-central2-b', 'PROJECT': 'proj', 'CONFIG': 'configs/tiny.py',
-         'WORKDIR': '/mnt/shared/run one', 'TFDS_DATA_DIR': '/mnt/shared/tfds'}
+         'WORKDIR': 'gs://bucket/run one', 'TFDS_DATA_DIR': '/mnt/shared/tfds'}
   result = _run('tpu_pod.sh', env, 'all', '--', '--config.seed=3', "--config.data.name=it's")
   assert result.returncode == 0, result.stdout + result.stderr
 
@@ -138,11 +142,11 @@ def test_tpu_pod_setup_run_and_stop_on_stub_workers(sandbox):
   assert (home / 'sferd_jax' / 'sferd_jax' / 'main.py').exists() and not (home / 'sferd_jax' / '.venv').exists()
   assert not (home / 'sferd_jax_src.tar.gz').exists()
   pip = _read(calls / 'pip.txt')
-  assert 'install -q jax[tpu]==' in pip and f'-e {home}/sferd_jax[data]' in pip
+  assert 'install -q jax[tpu]==' in pip and f'-e {home}/sferd_jax[data,gcs]' in pip  # gcs: for the bucket
   # Run: every worker starts the same command, with the coordinator on worker 0, arguments intact.
   python = _read(calls / 'python.txt')
   assert f'cwd={home}/sferd_jax' in python
-  assert ("args=-m sferd_jax.main --config=configs/tiny.py --workdir=/mnt/shared/run one --config.seed=3 "
+  assert ("args=-m sferd_jax.main --config=configs/tiny.py --workdir=gs://bucket/run one --config.seed=3 "
           "--config.data.name=it's") in python
   assert 'JAX_COORDINATOR_ADDRESS=10.1.2.3:8482' in python and 'TFDS_DATA_DIR=/mnt/shared/tfds' in python
   assert not (home / '.sferd_jax_run.pid').exists()  # removed when the run ended
@@ -235,3 +239,114 @@ def test_initialize_distributed_inside_a_slurm_allocation_without_srun():
   result = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=120,
                           check=False)
   assert result.returncode == 0, result.stderr[-2000:]
+
+
+# The launchers executed: their commands start real JAX processes on this machine (2 CPU devices each) and train the
+# tiny teacher, which must equal the one process of 4 devices of tiny_run (to float32 rounding: gloo sums the
+# gradients across the processes in another order).
+
+# srun as SLURM runs a job step: one task per node of the allocation (the script asks --ntasks-per-node=1), each
+# with the variables srun gives a task and JAX's SLURM detection reads; --kill-on-bad-exit: a failure ends the rest.
+SRUN_LOCAL = r"""#!/bin/bash
+echo "srun $*" > "$CALLS/srun.txt"
+while [[ "$1" == --* ]]; do shift; done
+n=$SLURM_JOB_NUM_NODES
+pids=()
+for ((i = 0; i < n; i++)); do
+  SLURM_PROCID=$i SLURM_LOCALID=0 SLURM_NODEID=$i SLURM_NTASKS=$n SLURM_STEP_NODELIST=localhost \
+    SLURM_STEP_NUM_NODES=$n SLURM_STEP_TASKS_PER_NODE="1(x$n)" "$@" > "$CALLS/task_$i.log" 2>&1 &
+  pids+=($!)
+done
+status=0
+for ((i = 0; i < n; i++)); do
+  wait -n || { status=$?; kill "${pids[@]}" 2>/dev/null; }
+done
+exit $status
+"""
+# gcloud for a pod of 2 workers on this machine: ssh --worker=all runs the command on each, at once, in the worker's
+# own home; JAX_NUM_PROCESSES and JAX_PROCESS_ID stand for what a TPU VM's metadata server tells JAX.
+GCLOUD_LOCAL_POD = r"""#!/bin/bash
+echo "$*" >> "$CALLS/gcloud.txt"
+case "$4" in
+  describe) echo 127.0.0.1;;
+  ssh)
+    for a in "$@"; do [[ "$a" == --command=* ]] && cmd=${a#--command=}; done
+    pids=()
+    for i in 0 1; do
+      HOME=$HOME/worker_$i JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=$i bash -c "$cmd" > "$CALLS/worker_$i.log" 2>&1 &
+      pids+=($!)
+    done
+    status=0
+    for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+    exit $status;;
+esac
+"""
+
+
+def _free_port(low=1024, high=65535):
+  for port in random.Random(os.getpid()).sample(range(low, high + 1), 200):
+    with socket.socket() as s:
+      try:
+        s.bind(('localhost', port))
+      except OSError:
+        continue
+    return port
+  raise RuntimeError('no free port')
+
+
+def _python_wrapper(path):
+  """An executable that runs this interpreter (the launchers call python3 or a venv's python by name)."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  return _executable(path, f'#!/bin/bash\nexec {sys.executable} "$@"\n')
+
+
+def _two_process_env(base):
+  """Each process: 2 CPU devices, the tests' compile cache, no network dataset."""
+  env = {k: v for k, v in base.items() if k != 'XLA_FLAGS'}
+  env.update(JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             TFDS_DATA_DIR='/nonexistent-tfds-data-dir-for-tests')
+  return env
+
+
+TEACHER_ONLY = ('--mode=train_teacher', f'--jit_cache={os.path.join(tempfile.gettempdir(), "sferd_jax_test_jit_cache")}')
+
+
+def _same_teacher(reference, workdir):
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5),
+               exports.load(os.path.join(reference, 'teacher')).params,
+               exports.load(os.path.join(workdir, 'teacher')).params)
+
+
+def test_gpu_slurm_executed_under_a_local_srun_trains_as_one_process(sandbox, tmp_path, tiny_run):
+  base, _, calls = sandbox
+  _executable(tmp_path / 'bin' / 'srun', SRUN_LOCAL)
+  _python_wrapper(tmp_path / 'bin' / 'python3')
+  workdir = str(tmp_path / 'run')
+  # JAX puts the coordinator on the first node, at port 61440 + job id % 4096: a job id whose port is free.
+  job_id = _free_port(61440, 65535) - 61440
+  env = _two_process_env({**base, 'CONFIG': 'configs/tiny.py', 'WORKDIR': workdir, 'SLURM_JOB_ID': str(job_id),
+                          'SLURM_SUBMIT_DIR': ROOT, 'SLURM_GPUS_ON_NODE': '2', 'SLURM_JOB_NUM_NODES': '2'})
+  result = _run('gpu_slurm.sbatch', env, *TEACHER_ONLY, timeout=600)
+  logs = [_read(calls / f'task_{i}.log') for i in range(2)]
+  assert result.returncode == 0, result.stderr + logs[0][-3000:] + logs[1][-3000:]
+  assert 'gpu_slurm.sbatch: job' in result.stdout and '2 nodes x 2 GPUs' in result.stdout
+  _same_teacher(tiny_run[0], workdir)
+  assert all('teacher: step 4/4' in log for log in logs[:1])  # process 0 logs the progress
+
+
+def test_tpu_pod_run_executed_on_two_local_workers_trains_as_one_process(sandbox, tmp_path, tiny_run):
+  base, home, calls = sandbox
+  _executable(tmp_path / 'bin' / 'gcloud', GCLOUD_LOCAL_POD)
+  for i in range(2):  # what `setup` leaves on each worker: the checkout and a virtualenv
+    worker = home / f'worker_{i}'
+    worker.mkdir()
+    os.symlink(ROOT, worker / 'sferd_jax')
+    _python_wrapper(worker / 'sferd_venv' / 'bin' / 'python')
+  workdir = str(tmp_path / 'run')
+  env = _two_process_env({**base, 'TPU_NAME': 'local-pod', 'ZONE': 'z', 'PROJECT': 'p', 'CONFIG': 'configs/tiny.py',
+                          'WORKDIR': workdir, 'COORDINATOR_PORT': str(_free_port())})
+  result = _run('tpu_pod.sh', env, 'run', '--', *TEACHER_ONLY, timeout=600)
+  logs = [_read(calls / f'worker_{i}.log') for i in range(2)]
+  assert result.returncode == 0, result.stderr + logs[0][-3000:] + logs[1][-3000:]
+  _same_teacher(tiny_run[0], workdir)
+  assert 'teacher: step 4/4' in logs[0]
