@@ -13,6 +13,7 @@ from sferd_jax import exports
 from sferd_jax import files
 from sferd_jax import layout
 from sferd_jax import pipeline
+from sferd_jax.evaluation import evaluate
 import fake_gcs
 import test_reliability
 import tiny
@@ -83,7 +84,7 @@ def test_unknown_schemes_are_one_line_errors():
 def test_a_run_in_a_bucket_finishes_resumes_and_equals_a_local_run(bucket, tiny_run, tmp_path, monkeypatch):
   """Teacher and distillation 4 -> 2 -> 1 in gs://, the teacher killed mid-way and resumed: the exports are the local
   tiny run's, bit for bit; every file is in the bucket (none on the local disk); a rerun skips every phase; a model
-  loads and samples from there."""
+  loads and samples from there; the evaluation writes there and resumes from there."""
   local_run, _ = tiny_run
   workdir = 'gs://fake-bucket/run'
   config = tiny.load_config(phases=('teacher', 'distill'))
@@ -117,3 +118,16 @@ def test_a_run_in_a_bucket_finishes_resumes_and_equals_a_local_run(bucket, tiny_
   assert model.path == run.stage_model(2)
   samples = model.sample(jax.random.key(0), num_samples=2)
   assert samples.shape == (2, 8, 8, 1) and np.isfinite(samples).all()
+
+  # The evaluation's classifier, rounds and tables go there too, and a rerun finds them all.
+  small = tiny.load_config(**{'evaluate.num_samples': 12, 'evaluate.round_size': 6, 'evaluate.kid_subsets': 4,
+                              'evaluate.kid_subset_size': 6, 'evaluate.classifier_steps': 20})
+  rows = evaluate.run_evaluate(small, workdir)['rows']
+  assert [row['model'] for row in rows] == ['teacher', 'distill/stage_1', 'distill/stage_2']
+  assert files.read_json(os.path.join(run.evaluate_dir, evaluate.RESULTS_JSON)) == json.loads(json.dumps(rows))
+  assert [key.rsplit('/', 1)[1] for key in bucket.keys('fake-bucket/run/evaluate/teacher_4steps/round_')] == [
+      'round_00000.features.npz', 'round_00000.npz', 'round_00001.features.npz', 'round_00001.npz']
+  written = set(bucket.keys('fake-bucket/run/evaluate/'))
+  assert evaluate.run_evaluate(small, workdir)['rows'] == rows
+  assert set(bucket.keys('fake-bucket/run/evaluate/')) == written
+  assert os.listdir(tmp_path) == []
