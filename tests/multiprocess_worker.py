@@ -1,10 +1,11 @@
 """One process of a local multi-process run of the tiny config (tests/test_multiprocess.py starts them):
 
-  python tests/multiprocess_worker.py <process_id> <num_processes> <port> <workdir> <phase,phase,...> [<kill after>]
+  python tests/multiprocess_worker.py <process_id> <num_processes> <port> <workdir> <phase,phase,...> [<options>]
 
 Each process has 2 CPU devices; after the phases, each loads the run's last model and samples it on its own. It
 records, in <workdir>.io/process_<id>.json, the example indices it read per phase and step and the project files it
-wrote. With <kill after>, the teacher phase is killed at that batch, in every process (as a preemption would).
+wrote. <options>, JSON: {"kill_after": k} kills the teacher phase at batch k in every process (as a preemption
+would); {"overrides": {key: value}} changes the tiny config (tiny.load_config's keyword arguments).
 """
 
 import json
@@ -55,7 +56,8 @@ def _kill_teacher_at(after):
                                               if spec.name == 'teacher' else real(config, spec))
 
 
-def main(process_id, num_processes, port, workdir, phases, kill_after=None):
+def main(process_id, num_processes, port, workdir, phases, options='{}'):
+  options = json.loads(options)
   sharding.use_gloo_on_cpu()
   # A short heartbeat: when a process dies, the others stop within seconds rather than JAX's default 100 s.
   jax.distributed.initialize(f'localhost:{port}', num_processes, process_id, heartbeat_timeout_seconds=10)
@@ -68,10 +70,11 @@ def main(process_id, num_processes, port, workdir, phases, kill_after=None):
         f'{jax.device_count()} devices', flush=True)
   record = {'reads': {}, 'writes': []}
   _record_io(record)
-  if kill_after:
-    _kill_teacher_at(int(kill_after))
+  if options.get('kill_after'):
+    _kill_teacher_at(options['kill_after'])
+  overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in options.get('overrides', {}).items()}
   try:
-    pipeline.run_pipeline(tiny.load_config(phases=tuple(phases.split(','))), workdir)
+    pipeline.run_pipeline(tiny.load_config(phases=tuple(phases.split(',')), **overrides), workdir)
   finally:
     os.makedirs(workdir + '.io', exist_ok=True)
     with open(os.path.join(workdir + '.io', f'process_{process_id}.json'), 'w') as f:

@@ -4,6 +4,7 @@ killed process stops the other in bounded time. Where JAX cannot start a CPU job
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,6 +15,9 @@ import jax
 import numpy as np
 
 from sferd_jax import exports
+from sferd_jax import layout
+from sferd_jax import pipeline
+from sferd_jax.evaluation import evaluate
 import test_reliability
 import tiny
 
@@ -26,9 +30,9 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _start(workdir, phases, logs, num_processes=2, kill_after=None):
+def _start(workdir, phases, logs, num_processes=2, **options):
   """The processes of one job, each logging to a file in `logs` (pipes read one at a time would fill and block a
-  process inside a collective); kill_after: the teacher is killed at that batch in every process."""
+  process inside a collective); options: the worker's (kill_after, overrides)."""
   port = _free_port()
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   os.makedirs(logs, exist_ok=True)
@@ -36,7 +40,7 @@ def _start(workdir, phases, logs, num_processes=2, kill_after=None):
   for i in range(num_processes):
     with open(os.path.join(logs, f'process_{i}.log'), 'w') as log:
       processes.append(subprocess.Popen([sys.executable, WORKER, str(i), str(num_processes), str(port), workdir,
-                                         phases, *([str(kill_after)] if kill_after else [])], stdout=log,
+                                         phases, json.dumps(options)], stdout=log,
                                         stderr=subprocess.STDOUT, text=True, env=env))
   return processes
 
@@ -127,3 +131,38 @@ def test_a_locked_run_folder_stops_every_process_at_once(tmp_path):
   assert f'in use by another run: pid {holder.pid}' in outputs[0]
   assert f'error: locking {workdir} failed on process 0: {workdir} is in use by another run' in outputs[1]
   assert not os.path.exists(os.path.join(workdir, 'teacher'))
+
+
+# The rest of the pipeline, from the tiny teacher: one stage distilled with the attention-guided teacher, its
+# semantic predictor and latent model, and the evaluation with and without the predictor.
+GUIDED = {'sferd.attention_guidance.enabled': True, 'distill.end_num_steps': 2, 'evaluate.models': ['distill/stage_1'],
+          'evaluate.semantic': [False, True], 'evaluate.num_samples': 12, 'evaluate.round_size': 6,
+          'evaluate.kid_subsets': 4, 'evaluate.kid_subset_size': 6, 'evaluate.classifier_steps': 20}
+GUIDED_PHASES = ('distill', 'semantic', 'latent', 'evaluate')
+
+
+def test_two_processes_distil_guided_train_the_predictor_and_evaluate_as_one_process(tmp_path, tiny_run):
+  """The same phases in 2 processes x 2 devices and in this process of 4 devices: the guided student, its predictor
+  and latent model equal to float32 rounding, and the evaluation (which process 0 runs alone while the other waits)
+  gives the same rows."""
+  runs = {name: str(tmp_path / name) for name in ('one', 'two')}
+  for run in runs.values():
+    shutil.copytree(os.path.join(tiny_run[0], 'teacher', 'model'), os.path.join(run, 'teacher', 'model'))
+  logs = str(tmp_path / 'logs')
+  processes = _start(runs['two'], ','.join(GUIDED_PHASES), logs, overrides=GUIDED)
+  overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in GUIDED.items()}
+  pipeline.run_pipeline(tiny.load_config(phases=GUIDED_PHASES, **overrides), runs['one'])
+  codes, outputs = _finish(processes, logs)
+  assert codes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+  one, two = (exports.load(os.path.join(run, 'distill', 'stage_1')) for run in (runs['one'], runs['two']))
+  assert exports.read_info(two.path)['attention_guidance']['enabled']  # distilled from the guided teacher
+  assert not os.path.exists(os.path.join(runs['two'], 'distill', 'stage_2'))  # end_num_steps=2: one stage
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+  jax.tree.map(close, one.params, two.params)
+  jax.tree.map(close, (one.semantic.params, one.semantic.latent_params, one.semantic.stats),
+               (two.semantic.params, two.semantic.latent_params, two.semantic.stats))
+  rows = [evaluate.load_rows(layout.RunLayout(run).evaluate_dir) for run in (runs['one'], runs['two'])]
+  assert [(r['model'], r['semantic']) for r in rows[1]] == [('distill/stage_1', False), ('distill/stage_1', True)]
+  for a, b in zip(*rows):
+    np.testing.assert_allclose([a['fid'], a['kid_mean']], [b['fid'], b['kid_mean']], rtol=1e-3)
+  assert _io(runs['two'], 1)['writes'] == []

@@ -334,7 +334,8 @@ def distill_jobs(config, run, spec, mesh):
                     init_args=(teacher_params,), extra_args=(teacher_params, jnp.int32(student_steps)),
                     sample_fn=grids.grid_sampler(config, student_steps),
                     info=model_info(config, name=f'stage_{stage}', phase='distill', num_steps=student_steps,
-                                    stage=stage, teacher=teacher, teacher_fingerprint=fingerprint))
+                                    stage=stage, teacher=teacher, teacher_fingerprint=fingerprint,
+                                    attention_guidance=guidance_meta(config)))
 
     yield Job(f'distill stage {stage}/{num_stages} ({2 * student_steps} -> {student_steps} steps)',
               run.stage_dir(stage), prepare)
