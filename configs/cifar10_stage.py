@@ -1,6 +1,7 @@
 r"""CIFAR-10 SFERD distillation: 8192 -> 1 steps with the attention-guided teacher, then the semantic predictor.
 
   python -m sferd_jax.main --config=configs/cifar10_stage.py --workdir=runs/cifar10
+  python -m sferd_jax.main --config=configs/cifar10_stage.py:method=pd --workdir=runs/cifar10_pd  # plain PD
 
 Starts from the teacher that configs/cifar10_teacher.py exported into the same --workdir, or from any exported
 model: --config.distill.teacher=/path/to/model. Distillation settings are PD's config/cifar_distill.py: 50k updates
@@ -18,7 +19,8 @@ Expected result: the paper reports one-step FID 5.31 (PD alone: 9.12 at 1 step, 
 from sferd_jax import config as config_lib
 
 
-def get_config():
+def get_config(arg=''):
+  args = config_lib.parse_arg(arg, method='sferd')
   config = config_lib.base_config()
   config.phases = ('distill', 'semantic', 'latent')
   config.data.update(name='cifar10', random_flip=True)
@@ -40,4 +42,5 @@ def get_config():
       steps_per_call=10, log_every=500, checkpoint_every=10_000)
   config.evaluate.update(features='inception', num_samples=50_000, round_size=2500, semantic=(False, True))
   config.sample.update(num_samples=64, batch_size=512)
+  config_lib.apply_method(config, args.method)
   return config_lib.lock(config)

@@ -1,6 +1,7 @@
 r"""ImageNet 64x64 SFERD distillation (class-conditional): 1024 -> 1 steps, attention-guided teacher, predictor.
 
   python -m sferd_jax.main --config=configs/imagenet64_stage.py --workdir=runs/imagenet64
+  python -m sferd_jax.main --config=configs/imagenet64_stage.py:method=pd --workdir=runs/imagenet64_pd  # plain PD
 
 Starts from configs/imagenet64_teacher.py's export in the same --workdir, or --config.distill.teacher=<model>.
 Distillation settings are PD's config/imagenet64_distill.py: 50k updates per halving, batch 2048, Adam 1e-4
@@ -14,7 +15,8 @@ Expected runtime: not yet measured for this code. Expected result: the paper rep
 from sferd_jax import config as config_lib
 
 
-def get_config():
+def get_config(arg=''):
+  args = config_lib.parse_arg(arg, method='sferd')
   config = config_lib.base_config()
   config.phases = ('distill', 'semantic', 'latent')
   config.data.update(name='imagenet64', random_flip=True)
@@ -35,4 +37,5 @@ def get_config():
       steps_per_call=10, log_every=500, checkpoint_every=10_000)
   config.evaluate.update(features='inception', num_samples=50_000, round_size=2500, semantic=(False, True))
   config.sample.update(num_samples=64, batch_size=256)
+  config_lib.apply_method(config, args.method)
   return config_lib.lock(config)

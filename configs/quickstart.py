@@ -1,6 +1,8 @@
 r"""Quickstart: SFERD end to end on the embedded digits dataset, offline, on any machine.
 
   python -m sferd_jax.main --config=configs/quickstart.py --workdir=runs/quickstart
+  sferd --config=quickstart --workdir=runs/quickstart                     # the same, installed
+  sferd --config=quickstart:method=pd --workdir=runs/quickstart_pd        # plain PD: no guidance, no predictor
 
 Trains a small teacher on scikit-learn's 1,797 real 8x8 digits (resized to 16x16), distils it 32 -> 16 -> 8 -> 4
 -> 2 -> 1 steps with the attention-guided teacher, trains a semantic gradient predictor and its latent model on
@@ -14,7 +16,8 @@ Writes runs/quickstart/teacher/samples/*.png (the teacher at 128 DDIM steps), sa
 from sferd_jax import config as config_lib
 
 
-def get_config():
+def get_config(arg=''):
+  args = config_lib.parse_arg(arg, method='sferd')
   config = config_lib.base_config()
   config.phases = ('teacher', 'distill', 'semantic', 'latent', 'evaluate')
   config.data.name = 'digits'
@@ -41,4 +44,5 @@ def get_config():
                          num_samples=500, round_size=250, features='auto', guidance=(False,), semantic=(False, True),
                          kid_subset_size=250, sample_seeds=(0, 1))
   config.sample.num_samples = 64
+  config_lib.apply_method(config, args.method)
   return config_lib.lock(config)

@@ -214,6 +214,34 @@ def lock(config):
   return config
 
 
+def parse_arg(arg, **defaults):
+  """A config file's argument, big_vision style: --config=configs/quickstart.py:method=pd (or --config=quickstart:
+  method=pd) calls get_config('method=pd'). 'key=value' pairs, comma-separated, each key one of `defaults`, each
+  value read as its default's type. Returns a ConfigDict of every key."""
+  args = ml_collections.ConfigDict(defaults)
+  for pair in filter(None, (arg or '').split(',')):
+    key, sep, value = pair.partition('=')
+    if not sep or key not in defaults:
+      raise errors.ConfigError(f'config argument {pair!r}: expected key=value with key one of {sorted(defaults)}')
+    args[key] = type(defaults[key])(value)
+  return args
+
+
+METHODS = ('sferd', 'pd')
+
+
+def apply_method(config, method):
+  """method='pd': the config's plain progressive-distillation baseline (no attention guidance, no semantic
+  predictor); 'sferd': the config as written."""
+  if method not in METHODS:
+    raise errors.ConfigError(f'config argument method={method!r}: expected one of {METHODS}')
+  if method == 'pd':
+    config.sferd.attention_guidance.enabled = False
+    config.phases = tuple(p for p in config.phases if p not in ('semantic', 'latent'))
+    config.evaluate.semantic = (False,)
+  return config
+
+
 def _fail(key, message):
   raise errors.ConfigError(f'config.{key}: {message}')
 

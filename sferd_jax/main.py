@@ -1,21 +1,25 @@
-r"""sferd_jax command line: train, distill, sample and evaluate.
+r"""sferd_jax command line (also installed as `sferd`): train, distill, sample and evaluate.
 
   python -m sferd_jax.main --config=configs/quickstart.py --workdir=runs/quickstart
-  python -m sferd_jax.main --config=configs/quickstart.py --workdir=runs/quickstart --mode=sample \
-      --config.sample.num_steps=4
+  sferd --config=quickstart --workdir=runs/quickstart --mode=sample --config.sample.num_steps=4
 
-Any config key can be overridden with --config.<key>=<value>. Running the same command again resumes.
+--config takes a config file's path or the name of one shipped with the package (quickstart, cifar10_stage, ...),
+optionally with its argument (quickstart:method=pd). Any config key can be overridden with --config.<key>=<value>.
+Running the same command again resumes.
 """
 
 import contextlib
+import difflib
 import json
 import logging as std_logging
 import os
+import re
 import sys
 
 from absl import app
 from absl import flags
 from absl import logging
+import ml_collections
 from ml_collections import config_flags
 
 from sferd_jax import config as config_lib
@@ -26,7 +30,9 @@ PHASE_MODES = {'train_teacher': 'teacher', 'distill': 'distill', 'semantic': 'se
                'evaluate': 'evaluate'}
 MODES = ('pipeline', *PHASE_MODES, 'sample', 'analyze', 'study')
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Path of a config file in configs/.', lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'A config: the name of one shipped with sferd_jax (quickstart, cifar10_teacher, cifar10_stage, '
+    '...) or the path of a config file, optionally with its argument (quickstart:method=pd).', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder: checkpoints, exported models, samples, metrics.')
 _JIT_CACHE = flags.DEFINE_string(
     'jit_cache', os.path.join(os.path.expanduser('~'), '.cache', 'sferd_jax', 'jit'),
@@ -38,10 +44,113 @@ _MODE = flags.DEFINE_enum('mode', 'pipeline', MODES, 'pipeline runs every phase 
 
 
 class _QuietOrbax(std_logging.Filter):
-  """Orbax logs every save and restore at INFO; keep its warnings only."""
+  """Orbax logs every save and restore at INFO; keep its warnings only. JAX logs at INFO that a machine without a
+  TPU has no libtpu; drop that too."""
 
   def filter(self, record):
-    return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+    if record.levelno >= std_logging.WARNING:
+      return True
+    return '/orbax/' not in record.pathname and "Unable to initialize backend 'tpu'" not in record.getMessage()
+
+
+def shipped_configs():
+  """{name: path} of the configs that come with sferd_jax: configs/ of a checkout, or the installed package's."""
+  package = os.path.dirname(os.path.abspath(__file__))
+  for folder in (os.path.join(os.path.dirname(package), 'configs'), os.path.join(package, 'configs')):
+    if os.path.isdir(folder):
+      return {name[:-3]: os.path.join(folder, name) for name in sorted(os.listdir(folder))
+              if name.endswith('.py') and not name.startswith('_')}
+  return {}
+
+
+def resolve_config_arg(value):
+  """--config's value with a shipped config's name replaced by its path: 'quickstart:method=pd' ->
+  '<configs>/quickstart.py:method=pd'. Paths pass unchanged; an unknown name is a ConfigError listing the names."""
+  name, sep, arg = value.partition(':')
+  if os.path.isfile(name):
+    return value
+  configs = shipped_configs()
+  if name not in configs:
+    raise errors.ConfigError(f'--config={value}: no config file {name!r} and no shipped config of that name; the '
+                             f'shipped ones are {", ".join(configs)} (or pass the path of a .py file)')
+  return configs[name] + sep + arg
+
+
+def _config_value(argv):
+  """(index, value) of --config in argv ('--config=X' or '--config X'), or (None, None)."""
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      return i, arg[len('--config='):]
+    if arg == '--config' and i + 1 < len(argv):
+      return i + 1, argv[i + 1]
+  return None, None
+
+
+def _config_keys(config, prefix=''):
+  for key, value in config.items():
+    yield prefix + key
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _config_keys(value, f'{prefix}{key}.')
+
+
+def unknown_override(argv, config):
+  """The first --config.<key> of argv that names no key of `config`, with the nearest valid keys; or None."""
+  keys = sorted(_config_keys(config))
+  for arg in argv:
+    match = re.match(r'--config\.([^=\s]+)', arg)
+    if match and match.group(1) not in keys:
+      key = match.group(1)
+      near = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+      near += [k for k in keys if k.rsplit('.', 1)[-1] == key.rsplit('.', 1)[-1] and k not in near][:3 - len(near)]
+      return key, near
+  return None
+
+
+def _load_config_file(value):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path, _, arg = value.partition(':')
+  spec = importlib.util.spec_from_file_location('sferd_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with config names resolved and a config key that does not exist reported in one line
+  (with the nearest valid keys) instead of ml_collections' traceback."""
+  argv = list(argv)
+  index, value = _config_value(argv)
+  try:
+    if index is not None:
+      resolved = resolve_config_arg(value)
+      argv[index] = '--config=' + resolved if argv[index].startswith('--config=') else resolved
+  except errors.ConfigError as e:
+    _fail(e)
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:  # an unknown flag, a value of the wrong type, or the config file's own ConfigError
+    chain, cause = [], e
+    while cause is not None:
+      chain.append(cause)
+      cause = cause.__cause__ or cause.__context__
+    own = [c for c in chain if isinstance(c, errors.USER_ERRORS)]  # the innermost: ml_collections wraps it
+    _fail(own[-1] if own else f'{str(e).splitlines()[0]} (--helpfull lists the flags)')
+  except (KeyError, AttributeError, TypeError, ValueError) as e:
+    if index is None:
+      raise
+    try:
+      unknown = unknown_override(argv, _load_config_file(argv[index].removeprefix('--config=')))
+    except Exception:  # pylint: disable=broad-except  (the config itself is broken: its own error says more)
+      unknown = None
+    if unknown is None:
+      _fail(f'--config: {type(e).__name__}: {e}')
+    key, near = unknown
+    _fail(f'--config.{key}: the config has no key {key!r}' + (f'; did you mean {" or ".join(near)}?' if near else ''))
+
+
+def _fail(message):
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(errors.USER_ERROR_EXIT_CODE)
 
 
 def _save_config(config, workdir, *, replace):
@@ -130,12 +239,13 @@ def main(argv):
   config, workdir = _CONFIG.value, _WORKDIR.value
   try:
     if config is None or not workdir:
-      raise errors.ConfigError('pass --config=configs/<name>.py and --workdir=<run folder>')
+      raise errors.ConfigError('pass --config=<name or configs/<name>.py> and --workdir=<run folder>')
     config_lib.validate(config)
     files.check_reachable(workdir)
     sharding.initialize_distributed()  # before anything asks for devices or the process index
     with _lock(workdir):
-      _save_config(config, workdir, replace=False)
+      if _MODE.value != 'sample':  # a sample that fails leaves nothing behind
+        _save_config(config, workdir, replace=False)
       if _MODE.value in PHASE_MODES:
         pipeline.run_phase(config, workdir, PHASE_MODES[_MODE.value])
       else:
@@ -144,9 +254,13 @@ def main(argv):
         tools[_MODE.value](config, workdir)
       _save_config(config, workdir, replace=True)
   except errors.USER_ERRORS as e:  # the user's to fix: one message on stderr, no traceback
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(errors.USER_ERROR_EXIT_CODE)
+    _fail(e)
+
+
+def run():
+  """The `sferd` console script."""
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  run()

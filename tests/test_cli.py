@@ -1,5 +1,6 @@
 """The command line as a user meets it: a run, the sample mode, and bad input ending in one clear message."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -49,9 +50,53 @@ def test_bad_config_ends_with_one_clear_error(tmp_path, override, message):
   assert 'Traceback' not in result.stderr
 
 
-def test_unknown_config_key_is_refused(tmp_path):
-  result = _main('--config=configs/tiny.py', f'--workdir={tmp_path}', '--config.model.chanels=3')
-  assert result.returncode != 0 and 'chanels' in result.stderr
+@pytest.mark.parametrize('args, message', [
+    (('--config=configs/tiny.py', '--config.model.chanels=3'),
+     "--config.model.chanels: the config has no key 'model.chanels'; did you mean model.channels"),
+    (('--config=tiny', '--config.distil.train_steps=3'), 'did you mean distill.train_steps'),
+    (('--config=tiny', '--config.distill.learning_rate=1e-3'), 'did you mean distill.optimizer.learning_rate'),
+    (('--config=tiny', '--config.distill.train_steps=abc'), "invalid literal for int() with base 10: 'abc'"),
+    (('--config=tinny',), "no config file 'tinny' and no shipped config of that name; the shipped ones are"),
+    (('--config=quickstart:method=ddim',), "config argument method='ddim': expected one of ('sferd', 'pd')"),
+    (('--config=quickstart:mthod=pd',), "config argument 'mthod=pd': expected key=value with key one of"),
+    (('--config=tiny', '--workdr=x'), "Unknown command line flag 'workdr'. Did you mean: workdir ?"),
+])
+def test_command_line_mistakes_are_one_line_errors_that_say_what_to_type(tmp_path, args, message):
+  result = _main(*args, f'--workdir={tmp_path / "run"}')
+  assert result.returncode == errors.USER_ERROR_EXIT_CODE, result.stderr[-3000:]
+  assert result.stderr.count('error: ') == 1 and message in result.stderr, result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr and not os.path.exists(tmp_path / 'run')
+
+
+def test_configs_by_name_with_arguments_and_the_console_script(tmp_path):
+  from sferd_jax import main  # pylint: disable=g-import-not-at-top
+  configs = main.shipped_configs()
+  assert {'quickstart', 'tiny', 'cifar10_stage', 'cifar10_teacher'} <= set(configs)
+  assert main.resolve_config_arg('quickstart:method=pd') == configs['quickstart'] + ':method=pd'
+  assert main.resolve_config_arg('configs/tiny.py') == 'configs/tiny.py'  # a path stays a path
+  spec = importlib.util.spec_from_file_location('quickstart_config', configs['quickstart'])
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  pd, sferd = module.get_config('method=pd'), module.get_config()
+  assert not pd.sferd.attention_guidance.enabled and pd.phases == ('teacher', 'distill', 'evaluate')
+  assert pd.evaluate.semantic == (False,) and sferd.sferd.attention_guidance.enabled
+  # The installed console script is the same command line.
+  sferd_script = os.path.join(os.path.dirname(sys.executable), 'sferd')
+  if not os.path.exists(sferd_script):
+    pytest.skip('the sferd console script is not installed in this environment')
+  result = subprocess.run([sferd_script, '--config=tinny', f'--workdir={tmp_path}'], capture_output=True, text=True,
+                          timeout=120, check=False)
+  assert result.returncode == errors.USER_ERROR_EXIT_CODE and 'the shipped ones are' in result.stderr
+
+
+def test_a_failed_sample_leaves_no_folder_and_no_tpu_line(tmp_path):
+  env_without_platforms = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}
+  result = subprocess.run([sys.executable, '-m', 'sferd_jax.main', '--config=tiny', f'--workdir={tmp_path / "run"}',
+                           '--mode=sample'], cwd=tiny.ROOT, env=env_without_platforms, capture_output=True,
+                          text=True, timeout=300, check=False)
+  assert result.returncode == errors.USER_ERROR_EXIT_CODE and 'no exported model found' in result.stderr
+  assert not os.path.exists(tmp_path / 'run')
+  assert 'libtpu' not in result.stderr  # JAX's INFO line about a TPU this machine does not have
 
 
 def test_missing_dataset_names_the_commands_to_prepare_it(tmp_path):
