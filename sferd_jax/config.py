@@ -78,6 +78,9 @@ def base_config():
   # Config keys (or prefixes, e.g. 'distill.optimizer') a resume or a later phase may find changed: each change is
   # recorded at the step it applies from. E.g. ('distill.optimizer.learning_rate',) to continue a diverged stage.
   config.allow_changes = ()
+  # Steps of every trained phase traced with jax.profiler after its first (compiling) call, into
+  # <phase>/tensorboard/plugins/profile for TensorBoard's profile tab; 0: none.
+  config.profile_steps = 0
 
   config.data = dict(
       name='digits',          # digits | fashion_mnist | cifar10 | imagenet64 | npz
@@ -346,6 +349,8 @@ def validate(config):
     _fail('evaluate', 'num_samples must be >= 2 and round_size >= 1')
   if config.evaluate.classifier_steps < 1:
     _fail('evaluate.classifier_steps', f'must be >= 1, got {config.evaluate.classifier_steps}')
+  if not isinstance(config.get('profile_steps', 0), int) or config.get('profile_steps', 0) < 0:
+    _fail('profile_steps', f'must be a count of steps >= 0 (0: no trace); got {config.profile_steps}')
   if any(not isinstance(key, str) or not key for key in config.allow_changes):
     _fail('allow_changes', f"must be config keys, e.g. ('distill.optimizer.learning_rate',); got "
                            f"{config.allow_changes}")

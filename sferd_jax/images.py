@@ -30,14 +30,35 @@ def grid(images, *, columns=None, pad=1):
   return out
 
 
-def save_grid(path, images, *, columns=None, scale=None):
-  """Writes a PNG grid; small images are enlarged (nearest) so a 16x16 sample is visible."""
+def save_grid(path, images, *, columns=None, scale=None, row_labels=None):
+  """Writes a PNG grid; small images are enlarged (nearest) so a 16x16 sample is visible. row_labels: one text per
+  row, written in a margin on the left of the image."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   image = grid(images, columns=columns)
   scale = scale or max(1, 256 // max(np.asarray(images).shape[1], 1) // 2)
   image = np.repeat(np.repeat(image, scale, axis=0), scale, axis=1)
+  picture = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+  if row_labels:
+    picture = _with_row_labels(picture, row_labels, row_height=image.shape[0] / len(row_labels))
   with files.atomic_path(path) as tmp:
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp)
+    picture.save(tmp)
+
+
+def _with_row_labels(picture, labels, *, row_height):
+  """The picture with a white margin on its left holding one label per row, each centred on its row."""
+  from PIL import Image, ImageDraw, ImageFont  # pylint: disable=g-import-not-at-top
+  font = ImageFont.load_default()
+  measure = ImageDraw.Draw(picture)
+  boxes = [measure.textbbox((0, 0), label, font=font) for label in labels]
+  margin = max(box[2] - box[0] for box in boxes) + 12
+  out = Image.new(picture.mode, (picture.width + margin, picture.height), 255 if picture.mode == 'L' else
+                  (255, 255, 255))
+  out.paste(picture, (margin, 0))
+  draw = ImageDraw.Draw(out)
+  for r, (label, box) in enumerate(zip(labels, boxes)):
+    draw.text((6, int((r + 0.5) * row_height - (box[3] - box[1]) / 2)), label, fill=0 if picture.mode == 'L' else
+              (0, 0, 0), font=font)
+  return out
 
 
 def new_figure(figsize, *, purpose):

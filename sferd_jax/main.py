@@ -200,7 +200,8 @@ def _write_samples(config, workdir):
   images.save_grid(out + '.png', samples[:256])
   with files.atomic_path(out + '.npz') as tmp:
     np.savez_compressed(tmp, images=samples)
-  logging.info('wrote %d samples of %s (%d steps) to %s.{png,npz}', len(samples), model.path, num_steps, out)
+  print(f'wrote {len(samples)} samples of {model.path} ({num_steps} steps): {out}.png (the first '
+        f'{min(len(samples), 256)} as a grid) and {out}.npz (all, uint8)')
 
 
 @contextlib.contextmanager

@@ -13,27 +13,38 @@ from sferd_jax import exports
 from sferd_jax import files
 from sferd_jax import images as images_lib
 from sferd_jax import layout
+from sferd_jax import progress
 from sferd_jax import sharding
 from sferd_jax.training import phases
 
 
 def run_pipeline(config, workdir):
-  """Runs every phase in config.phases, in order, skipping finished ones."""
+  """Runs every phase in config.phases, in order, skipping finished ones; logs the whole run's progress."""
   mesh = sharding.make_mesh()
   for name in config.phases:  # fail before any work, not after the phases before the one that cannot run
     _check(config, workdir, name, mesh, before=config.phases[:config.phases.index(name)])
-  for name in config.phases:  # validate() has checked that each is one of config.PHASES
-    run_phase(config, workdir, name, mesh=mesh)
+  trained = [name for name in config.phases if name in phases.PHASES]
+  run = progress.RunProgress({name: (phases.planned_jobs(config, name),
+                                     config[name].train_steps * config[name].batch_size) for name in trained})
+
+  def job_done(name, *, trained):
+    run.job_done(name, trained=trained)
+    logging.info('%s', run.line(f'a {name} job ' + ('done' if trained else 'was already done')))
+
+  for i, name in enumerate(config.phases):  # validate() has checked that each is one of config.PHASES
+    logging.info('%s', run.line(f'phase {i + 1}/{len(config.phases)}: {name}'))
+    run_phase(config, workdir, name, mesh=mesh, on_job_done=job_done)
+  logging.info('%s', run.line('finished'))
 
 
-def run_phase(config, workdir, name, *, mesh=None):
+def run_phase(config, workdir, name, *, mesh=None, on_job_done=None):
   """Runs one phase of config.PHASES in the run folder, resuming or skipping what is done."""
   mesh = mesh or sharding.make_mesh()
   _check(config, workdir, name, mesh)
   if name == 'evaluate':
     evaluate.run_evaluate(config, workdir, mesh=mesh)
     return
-  infos = phases.run(config, workdir, name, mesh=mesh)
+  infos = phases.run(config, workdir, name, mesh=mesh, on_job_done=on_job_done)
   if name == 'distill':
     write_stage_table(layout.RunLayout(workdir), infos)
     write_comparison(config, workdir)
@@ -86,7 +97,7 @@ def _write_comparison(config, workdir, student_steps, num_samples):
   rows = [model.sample(jax.random.key(config.seed), num_samples=num_samples) for _, model in models]
   names = [f'{name} ({model.config.num_steps} steps)' for name, model in models]
   path = os.path.join(run.samples_dir, 'comparison.png')
-  images_lib.save_grid(path, np.concatenate(rows), columns=num_samples)
+  images_lib.save_grid(path, np.concatenate(rows), columns=num_samples, row_labels=names)
   files.write_text_atomic(os.path.join(run.samples_dir, 'comparison.txt'), 'rows, top to bottom:\n'
                           + '\n'.join(names) + '\n')
   logging.info('wrote %s: rows %s', path, ', '.join(names))

@@ -28,6 +28,7 @@ def test_train_teacher_then_sample_a_grid_and_npz(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   samples = os.path.join(workdir, 'samples')
   assert os.path.exists(os.path.join(samples, 'teacher_3steps_ddim.png'))
+  assert f"{os.path.join(samples, 'teacher_3steps_ddim')}.png" in result.stdout  # says where
   images = np.load(os.path.join(samples, 'teacher_3steps_ddim.npz'))['images']
   assert images.shape == (5, 8, 8, 1) and images.dtype == np.uint8
   result = _main('--config=configs/tiny.py', f'--workdir={workdir}', '--mode=sample', '--config.sample.semantic=True')

@@ -52,7 +52,15 @@ def test_every_stage_loads_and_samples_at_its_own_step_count(tiny_run):
     images = model.sample(jax.random.key(1), num_samples=2)
     assert images.shape == (2, 8, 8, 1)
   assert exports.load(workdir).config.name == 'stage_2'  # a run folder loads its last stage
-  assert os.path.exists(os.path.join(workdir, 'samples', 'comparison.png'))
+  # The comparison grid: the teacher above its students, each row labelled in a margin on the left.
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  picture = np.asarray(Image.open(os.path.join(workdir, 'samples', 'comparison.png')).convert('L'))
+  grid_width = (8 * (8 + 1) + 1) * 16  # 8 samples of 8x8 with 1-pixel gaps, enlarged 16x
+  margin = picture.shape[1] - grid_width
+  assert margin > 20 and picture.shape[0] == (3 * (8 + 1) + 1) * 16
+  for row in range(3):  # text (dark pixels) in each row's band of the margin
+    band = picture[row * 144 + 16:(row + 1) * 144, :margin]
+    assert (band < 128).any(), row
 
 
 def test_distill_kill_and_resume_equals_uninterrupted(tiny_run, tmp_path, monkeypatch):

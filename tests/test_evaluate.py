@@ -15,6 +15,7 @@ from sferd_jax.evaluation import evaluate
 from sferd_jax.evaluation import inception
 from sferd_jax.evaluation import metrics
 from sferd_jax import exports
+from sferd_jax import images as images_lib
 from sferd_jax import layout
 from sferd_jax import sampling
 import tiny
@@ -148,6 +149,18 @@ def test_one_row_per_variant_in_json_and_markdown(runs):
     with np.load(os.path.join(layout.RunLayout(runs['fresh']).evaluate_dir, row['variant'], 'round_00000.npz')) as data:
       images[row['variant']] = data['images']
   assert len({v.tobytes() for v in images.values()}) == len(rows)
+
+
+def test_fid_against_steps_is_plotted_a_line_per_variant(runs, monkeypatch):
+  assert os.path.exists(os.path.join(layout.RunLayout(runs['fresh']).evaluate_dir, evaluate.PLOT_PNG))
+  figures = []
+  monkeypatch.setattr(images_lib, 'save_figure', lambda fig, path, dpi: figures.append(fig))
+  rows = _read(runs['fresh'])
+  evaluate.plot_fid_vs_steps(rows, 'unused.png')
+  lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in figures[0].axes[0].lines}
+  plain = sorted((r['num_steps'], r['fid']) for r in rows if not r['guidance'] and not r['semantic'])
+  assert lines['plain, sample seed 0'] == ([s for s, _ in plain], [f for _, f in plain]) and len(plain) == 3
+  assert set(lines) == {'plain, sample seed 0', 'guided, sample seed 0', 'predictor, sample seed 0'}
 
 
 def test_a_finished_evaluation_draws_nothing_and_keeps_other_rows(runs):

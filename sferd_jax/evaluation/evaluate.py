@@ -35,6 +35,8 @@ Layout of <workdir>/evaluate/:
   <variant>/round_<r>.features.npz       their features ('pool'[, 'logits']) and the extractor's name
   <variant>/samples.png                  a grid of the first samples (skipped if round 0's samples were deleted)
   results.json, results.md               one row per (variant, num_samples, extractor), rewritten after each variant
+  fid_vs_steps.png                       FID against sampling steps: a line per variant and sample seed, the
+                                         teacher and its students as points (as PD's paper plots them)
 """
 
 import dataclasses
@@ -65,6 +67,7 @@ from sferd_jax import sharding
 
 RESULTS_JSON = 'results.json'
 RESULTS_MD = 'results.md'
+PLOT_PNG = 'fid_vs_steps.png'
 ROW_KEYS = ('model', 'stage', 'num_steps', 'guidance', 'semantic', 'sample_seed', 'num_samples', 'fid', 'kid_mean',
             'kid_std', 'is_mean', 'is_std', 'nn_dist', 'nn_dist_real', 'code_sensitivity', 'shift_rms', 'extractor')
 # Folds into config.seed so that evaluation noise never coincides with a training phase's.
@@ -750,6 +753,34 @@ def load_rows(directory):
   return files.read_json(path)
 
 
+def plot_fid_vs_steps(rows, path):
+  """FID against sampling steps (log scale), a line per (guidance, predictor, sample seed, feature extractor) over
+  the models that have a row; skipped without matplotlib."""
+  try:
+    fig = images_lib.new_figure((6, 4), purpose='the FID-against-steps plot')
+  except ImportError as e:
+    logging.info('%s; no %s', e, path)
+    return
+  ax = fig.add_subplot()
+  lines = {}
+  for row in rows:
+    key = (row['guidance'], row['semantic'], row['sample_seed'], row['extractor'])
+    lines.setdefault(key, []).append((row['num_steps'], row['fid'], row['model']))
+  several_extractors = len({key[3] for key in lines}) > 1
+  for (guidance, semantic, seed, extractor), points in sorted(lines.items(), key=str):
+    points.sort()
+    label = ' + '.join(['plain'] * (not guidance and not semantic) + ['guided'] * bool(guidance)
+                       + ['predictor'] * bool(semantic)) + f', sample seed {seed}'
+    label += f' ({extractor})' if several_extractors else ''
+    ax.plot([p[0] for p in points], [p[1] for p in points], 'o-', label=label)
+  ax.set_xscale('log', base=2)
+  ax.set_xlabel('sampling steps (teacher: the most)')
+  ax.set_ylabel('FID')
+  ax.set_title('FID against sampling steps')
+  ax.legend(fontsize='small')
+  images_lib.save_figure(fig, path, dpi=100)
+
+
 def write_results(directory, rows):
   files.makedirs(directory)
   files.write_text_atomic(os.path.join(directory, RESULTS_JSON), json.dumps(rows, indent=2) + '\n')
@@ -827,7 +858,8 @@ def _evaluate(config, workdir, directory):
                    _fmt(nn_dist_real, '.4g'), _fmt(row['code_sensitivity'], '.4g'),
                    'CLASSIFIER' if extractor.startswith(classifier_lib.EXTRACTOR_PREFIX) else 'Inception',
                    row['num_samples'], time.time() - start)
-  logging.info('evaluate: wrote %s and %s', os.path.join(directory, RESULTS_JSON),
-               os.path.join(directory, RESULTS_MD))
+  plot_fid_vs_steps(load_rows(directory), os.path.join(directory, PLOT_PNG))
+  logging.info('evaluate: wrote %s, %s and %s', os.path.join(directory, RESULTS_JSON),
+               os.path.join(directory, RESULTS_MD), os.path.join(directory, PLOT_PNG))
   return dict(rows=rows, extractor=extractor, results=os.path.join(directory, RESULTS_JSON),
               table=os.path.join(directory, RESULTS_MD))

@@ -427,14 +427,20 @@ def plot_maps(path, *, x0, x_mean, bv, mass, block, t, correlation):
   rows = ['x0', 'mean x_hat', 'bias', 'variance', f'mass {block}' if block else 'mass (none)']
   fig = _figure((1.4 * n + 0.6, 1.4 * len(rows) + 0.4))
   axes = fig.subplots(len(rows), n, squeeze=False)
+  # One colour scale per row (shared by its images, so they compare), shown by the row's colourbar.
   bias_lim = float(np.max(np.abs(bv.bias[:n]))) or 1.0
+  variance_max = float(np.max(bv.variance[:n])) or 1.0
+  mass_max = float(np.max(mass[:n])) if mass is not None else 1.0
+  shown = {}
   for i in range(n):
     _show_image(axes[0, i], x0[i])
     _show_image(axes[1, i], x_mean[i])
-    axes[2, i].imshow(bv.bias[i], cmap='RdBu_r', vmin=-bias_lim, vmax=bias_lim)
-    axes[3, i].imshow(bv.variance[i], cmap='magma')
+    shown[2] = axes[2, i].imshow(bv.bias[i], cmap='RdBu_r', vmin=-bias_lim, vmax=bias_lim)
+    shown[3] = axes[3, i].imshow(bv.variance[i], cmap='magma', vmin=0.0, vmax=variance_max)
     if mass is not None:
-      axes[4, i].imshow(mass[i], cmap='viridis')
+      shown[4] = axes[4, i].imshow(mass[i], cmap='viridis', vmin=0.0, vmax=mass_max or 1.0)
+  for row, image in shown.items():
+    fig.colorbar(image, ax=list(axes[row, :]), shrink=0.9, pad=0.01)
   for ax in axes.flat:
     ax.set_xticks([])
     ax.set_yticks([])

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import os
+import tempfile
 import time
 import weakref
 from typing import Any, Callable, Optional
@@ -23,6 +24,7 @@ from sferd_jax import files
 from sferd_jax import images as images_lib
 from sferd_jax import progress
 from sferd_jax import sharding
+from sferd_jax.training import board as board_lib
 from sferd_jax.training import checkpointing
 from sferd_jax.training import steps as steps_lib
 
@@ -44,6 +46,7 @@ class Phase:
   config_keys: dict = dataclasses.field(default_factory=dict)
   allow_changes: tuple = ()                     # config keys (or their prefixes) a resume may change
   fixed_keys: tuple = ()                        # config keys (or prefixes) no resume may change: the architecture
+  profile_steps: int = 0                        # calls after the first traced into <phase>/tensorboard (process 0)
 
 
 def cost_flops(lowered):
@@ -207,20 +210,83 @@ def _check_steps_per_call(phase, latest=None):
         f'and {cfg.train_steps}).')
 
 
-def _write_grid(phase, state, step):
+class _Profiler:
+  """jax.profiler's trace of phase.profile_steps calls from `first_step`, on process 0, into <phase>/tensorboard
+  (TensorBoard's profile tab; a bucket run folder gets it when the trace ends)."""
+
+  def __init__(self, phase, *, first_step):
+    self.phase, self.first_step, self.tracing, self.local = phase, first_step, False, None
+    per_call = phase.train_config.steps_per_call
+    self.last_step = first_step + (phase.profile_steps - 1) * per_call
+    self.enabled = phase.profile_steps > 0 and jax.process_index() == 0
+
+  def before(self, step):
+    if self.enabled and step == self.first_step:
+      destination = os.path.join(self.phase.directory, board_lib.SUBFOLDER)
+      self.local = tempfile.mkdtemp(prefix='sferd_jax_profile_') if files.is_remote(destination) else destination
+      jax.profiler.start_trace(self.local)
+      self.tracing = True
+
+  def after(self, step, state):
+    if self.tracing and step >= self.last_step:
+      jax.block_until_ready(state)
+      self.stop()
+
+  def stop(self):
+    if not self.tracing:
+      return
+    jax.profiler.stop_trace()
+    self.tracing = False
+    destination = os.path.join(self.phase.directory, board_lib.SUBFOLDER)
+    if self.local != destination:
+      files.copy(self.local, destination)
+    logging.info('%s: profiled %d calls into %s (TensorBoard: the profile tab)', self.phase.name,
+                 self.phase.profile_steps, destination)
+
+
+def _write_grid(phase, state, step, board=None):
   if phase.sample_fn is not None and jax.process_index() == 0:
     grid_path = os.path.join(phase.directory, 'samples', f'step_{step:08d}.png')
-    images_lib.save_grid(grid_path, phase.sample_fn(sharding.host_local(state.export_params)))
+    samples = phase.sample_fn(sharding.host_local(state.export_params))
+    images_lib.save_grid(grid_path, samples)
+    if board is not None:
+      board.image('samples', images_lib.grid(samples), step)
     logging.info('%s: wrote %s', phase.name, grid_path)
 
 
-def _finish(phase, state, summary):
-  """The final grid and summary.json, written after the last checkpoint (which holds the summary)."""
+def _finish(phase, state, summary, board=None):
+  """The final grid, the loss curve and summary.json, written after the last checkpoint (which holds the
+  summary)."""
   grid_path = os.path.join(phase.directory, 'samples', f'step_{phase.train_config.train_steps:08d}.png')
   if not files.exists(grid_path):  # a skipped phase writes only what a kill left unwritten
-    _write_grid(phase, state, phase.train_config.train_steps)
+    _write_grid(phase, state, phase.train_config.train_steps, board)
   if jax.process_index() == 0:
+    plot_loss(os.path.join(phase.directory, 'metrics.jsonl'), os.path.join(phase.directory, LOSS_PNG),
+              title=phase.name)
     files.write_json_atomic(os.path.join(phase.directory, 'summary.json'), summary)
+
+
+LOSS_PNG = 'loss.png'
+
+
+def plot_loss(metrics_path, path, *, title):
+  """The loss curve of a phase's metrics.jsonl as a PNG, for readers without TensorBoard (skipped without
+  matplotlib)."""
+  records = [json.loads(line) for _, line in _read_metrics(metrics_path)] if files.exists(metrics_path) else []
+  if not records:
+    return
+  try:
+    fig = images_lib.new_figure((6, 3.5), purpose='the loss curve')
+  except ImportError as e:
+    logging.info('%s; no %s', e, path)
+    return
+  ax = fig.add_subplot()
+  ax.plot([r['step'] for r in records], [r['loss'] for r in records], '-o', ms=2)
+  ax.set_xlabel('step')
+  ax.set_ylabel('loss (mean over each log interval)')
+  ax.set_yscale('log' if all(r['loss'] > 0 for r in records) else 'linear')
+  ax.set_title(title)
+  images_lib.save_figure(fig, path, dpi=100)
 
 
 def run_phase(phase, *, batches, mesh, rng):
@@ -272,13 +338,18 @@ def run_phase(phase, *, batches, mesh, rng):
                f'{flops / per_call / 1e9:.1f} GFLOP' if flops else 'FLOPs unknown')
 
   log = MetricsLog(phase.directory, resume_step=start_step)
+  board = board_lib.Board(phase.directory, resume_step=start_step, enabled=jax.process_index() == 0,
+                          hparams={'phase': phase.name, **phase.meta.get('training', {})})
+  interval = []  # the metrics of every call since the last log line: the line holds their mean
   images_per_call = cfg.batch_size * per_call
   timer_start, timer_images = time.perf_counter(), 0
   run_start = time.perf_counter()
   last_record, batch, summary = None, first, None
 
-  def record_of(step, metrics):
-    values = {k: float(np.mean(v)) for k, v in jax.device_get(metrics).items()}
+  def record_of(step):
+    calls = jax.device_get(interval)
+    values = {k: float(np.mean([np.mean(m[k]) for m in calls])) for k in calls[-1]}
+    values['learning_rate'] = float(np.ravel(calls[-1]['learning_rate'])[-1])  # the rate now, not a mean
     if not all(math.isfinite(v) for v in values.values()):
       section = phase.config_keys.get('training', '<section>')
       raise errors.TrainingDivergedError(
@@ -305,22 +376,28 @@ def run_phase(phase, *, batches, mesh, rng):
       meta['summary'] = summary = summarize()
     ckpts.save(step, state, meta)
 
+  profiler = _Profiler(phase, first_step=start_step + 2 * per_call)  # after a call that may have warmed caches
   try:
     for step in range(start_step + per_call, cfg.train_steps + 1, per_call):
+      profiler.before(step)
       state, metrics = compiled(state, batch, rng, *extra)
+      profiler.after(step, state)
+      interval.append(metrics)
       timer_images += images_per_call
       if step < cfg.train_steps:
         batch = sharding.put_batch(next(data), mesh)  # overlaps with the device's work
       log_now = step % cfg.log_every < per_call or step == cfg.train_steps
       save_now = step % cfg.checkpoint_every < per_call or step == cfg.train_steps
       if log_now or save_now:
-        last_record = record_of(step, metrics)  # waits for the device; raises before a NaN state is saved
+        last_record = record_of(step)  # waits for the device; raises before a NaN state is saved
       if log_now:
         seconds = time.perf_counter() - timer_start
         last_record['images_per_s'] = timer_images / seconds
         if flops:
           last_record['tflops_per_s'] = flops * timer_images / images_per_call / seconds / 1e12
         log.write(last_record)
+        board.scalars(last_record)
+        interval.clear()
         eta = (cfg.train_steps - step) / (timer_images / cfg.batch_size / seconds)
         logging.info('%s: step %d/%d (%d%%) loss %.5f grad_norm %.3f lr %.2e%s | %.1f img/s | ETA %s',
                      phase.name, step, cfg.train_steps, 100 * step // cfg.train_steps, last_record['loss'],
@@ -331,15 +408,21 @@ def run_phase(phase, *, batches, mesh, rng):
       if save_now:
         save(step)
       if cfg.sample_every and step % cfg.sample_every < per_call and step < cfg.train_steps:
-        _write_grid(phase, state, step)
+        _write_grid(phase, state, step, board)
         timer_start, timer_images = time.perf_counter(), 0  # images/s measures training, not the grid
+    if summary is None:  # the step at train_steps always checkpoints, with its record; _check_steps_per_call
+      # keeps the loop landing on it, so this is a bug, stated rather than a KeyError on a missing record
+      raise RuntimeError(f'{phase.name}: the loop from step {start_step} in strides of {per_call} never reached '
+                         f'train_steps={cfg.train_steps}')
   finally:
+    profiler.stop()
     data.close()
     ckpts.wait()
     ckpts.close()
-  if summary is None:  # the step at train_steps always checkpoints, with its record; _check_steps_per_call keeps
-    # the loop landing on it, so this is a bug, stated rather than a KeyError on a missing record
-    raise RuntimeError(f'{phase.name}: the loop from step {start_step} in strides of {per_call} never reached '
-                       f'train_steps={cfg.train_steps}')
-  _finish(phase, state, summary)  # the summary saved with the last checkpoint: a rerun writes the same one
+    if summary is None:
+      board.close()
+  try:
+    _finish(phase, state, summary, board)  # the summary saved with the last checkpoint: a rerun writes the same
+  finally:
+    board.close()
   return state, summary

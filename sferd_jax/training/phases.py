@@ -91,10 +91,27 @@ def jobs(config, workdir, spec, *, mesh):
   return PHASES[spec.name][1](config, layout.RunLayout(workdir), spec, mesh)
 
 
-def run(config, workdir, name, *, mesh):
-  """Trains and exports every job of phase `name` that is not exported yet. Returns [model.json of each job]."""
+def run(config, workdir, name, *, mesh, on_job_done=None):
+  """Trains and exports every job of phase `name` that is not exported yet. Returns [model.json of each job].
+  on_job_done(name, trained=...) is told of each job as it ends (trained: False when it was already exported)."""
   spec = build(config, name)
-  return [train_and_export(spec, job, config=config, mesh=mesh) for job in jobs(config, workdir, spec, mesh=mesh)]
+  infos = []
+  for job in jobs(config, workdir, spec, mesh=mesh):
+    finished = layout.is_exported(layout.export_of(job.directory))
+    infos.append(train_and_export(spec, job, config=config, mesh=mesh))
+    if on_job_done:
+      on_job_done(name, trained=not finished)
+  return infos
+
+
+def planned_jobs(config, name):
+  """How many jobs phase `name` has under `config` (the teacher: 1; distill: a job per stage; semantic and latent:
+  one per stage with a predictor)."""
+  if name == 'teacher':
+    return 1
+  if name == 'distill':
+    return config_lib.num_stages(config)
+  return len(config_lib.semantic_stages(config))
 
 
 def train_and_export(spec, job, *, config, mesh):
@@ -110,7 +127,8 @@ def train_and_export(spec, job, *, config, mesh):
                      init_state=spec.init, init_args=inputs.init_args, extra_args=inputs.extra_args,
                      meta=dict(spec.meta, **inputs.meta), sample_fn=inputs.sample_fn,
                      config_keys=dict(META_CONFIG_KEYS, training=spec.name, loss=f'{spec.name}.loss'),
-                     allow_changes=tuple(config.allow_changes), fixed_keys=FIXED_CONFIG_KEYS)
+                     allow_changes=tuple(config.allow_changes), fixed_keys=FIXED_CONFIG_KEYS,
+                     profile_steps=config.get('profile_steps', 0))
   state, summary = loop.run_phase(phase, batches=inputs.batches, mesh=mesh, rng=inputs.rng)
   info = dict(inputs.info, summary=summary)
   exports.export_model(export, trees={'params': state.export_params, **inputs.extra_trees}, info=info)
