@@ -41,10 +41,10 @@ the repository's tests on a tiny config on a CPU; it has not been run on Colab's
 SETUP_MD = r"""## Set-up
 
 This notebook needs the `sferd_jax` package. In a local checkout where it is installed (`pip install -e .`), the
-next cell just checks that. On Colab, first put the repository on the runtime yourself (upload and unzip it, or
-`git clone` it, or copy it from your Drive), then set `REPO_DIR` below to that folder once and run the cell: it
-installs the package from there with `%pip install -e`. If pip upgraded JAX, restart the session
-(Runtime > Restart session) and run the notebook again from the top.
+next cell just checks that. On Colab, set `REPO` below once, to the repository's git URL (the cell clones it) or to
+a folder holding it (uploaded and unzipped, or on your Drive), and run the cell: it installs the package from there
+with `%pip install -e`. If pip upgraded JAX, restart the session (Runtime > Restart session) and run the notebook
+again from the top. The cell after it says which accelerator JAX found.
 
 On a Colab TPU runtime JAX finds the TPU by itself: no driver set-up cell is needed (the old
 `jax.tools.colab_tpu.setup_tpu()` was for a retired runtime and must not be called).
@@ -52,14 +52,18 @@ On a Colab TPU runtime JAX finds the TPU by itself: no driver set-up cell is nee
 
 SETUP = r"""import importlib.util
 import os
+import subprocess
 import sys
 
-REPO_DIR = ''  # e.g. '/content/sferd_jax': the folder holding setup.py, sferd_jax/ and configs/
+REPO = ''  # the repository's git URL (cloned to /content/sferd_jax), or the folder holding pyproject.toml
+REPO_DIR = '/content/sferd_jax' if '://' in REPO or REPO.startswith('git@') else REPO
 
 if importlib.util.find_spec('sferd_jax') is None:
-  if not REPO_DIR or not os.path.exists(os.path.join(REPO_DIR, 'setup.py')):
-    raise RuntimeError('sferd_jax is not installed. Put the repository on this machine, set REPO_DIR above to its '
-                       'folder (the one holding setup.py) and run this cell again.')
+  if REPO_DIR != REPO and not os.path.exists(REPO_DIR):
+    subprocess.run(['git', 'clone', '-q', '--depth', '1', REPO, REPO_DIR], check=True)
+  if not REPO_DIR or not os.path.exists(os.path.join(REPO_DIR, 'pyproject.toml')):
+    raise RuntimeError('sferd_jax is not installed. Set REPO above to the repository\'s git URL or to its folder '
+                       '(the one holding pyproject.toml) and run this cell again.')
   %pip install -q -e {REPO_DIR}
   sys.path.insert(0, REPO_DIR)  # an editable install is only seen by new processes; this one imports from here
 
@@ -92,6 +96,11 @@ from sferd_jax.sferd import guided_teacher
 logging.set_verbosity(logging.INFO)  # one progress line per logged step; Orbax's per-save lines are dropped
 std_logging.getLogger('absl').addFilter(lambda r: r.levelno >= std_logging.WARNING or '/orbax/' not in r.pathname)
 print('JAX', jax.__version__, 'devices:', jax.devices())
+ACCELERATOR = jax.default_backend()  # 'gpu', 'tpu' or 'cpu'
+print({'gpu': 'A GPU: the training cell takes a few minutes, mostly compilation.',
+       'tpu': 'A TPU: the training cell takes a few minutes, mostly compilation.'}.get(
+           ACCELERATOR, 'No accelerator (CPU): the training cell takes about as long as configs/quickstart.py says '
+           '(Runtime > Change runtime type for a GPU or TPU).'))
 """
 
 CONFIG_MD = r"""## The config and the run folder

@@ -73,6 +73,9 @@ def test_the_teacher_s_event_files_hold_its_metrics_grids_and_settings(tmp_path)
   hparams = b''.join(v.metadata.plugin_data.content for e in events for v in e.summary.value
                      if v.metadata.plugin_data.plugin_name == 'hparams')
   assert b'optimizer.learning_rate' in hparams and b'batch_size' in hparams
+  with open(os.path.join(workdir, 'teacher', 'parameters.txt')) as f:  # clu's parameter overview
+    table = f.read()
+  assert '| Name' in table and 'Total:' in table
   with open(os.path.join(workdir, 'teacher', 'loss.png'), 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
   # --config.profile_steps=2: a jax.profiler trace for TensorBoard's profile tab, none in the other run.

@@ -6,6 +6,7 @@ functions of the step number, the resumed run computes what the uninterrupted on
 """
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -15,8 +16,11 @@ import weakref
 from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from clu import metrics as clu_metrics
+from clu import parameter_overview
 
 from sferd_jax import config as config_lib
 from sferd_jax import errors
@@ -210,6 +214,30 @@ def _check_steps_per_call(phase, latest=None):
         f'and {cfg.train_steps}).')
 
 
+def _write_parameter_overview(phase, state):
+  """<phase>/parameters.txt: clu's table of the trained parameters (name, shape, dtype, size); its total is logged."""
+  if jax.process_index() != 0:
+    return
+  table = parameter_overview.get_parameter_overview(state.params, include_stats=False)
+  files.write_text_atomic(os.path.join(phase.directory, 'parameters.txt'), table + '\n')
+  logging.info('%s: %s (table in %s)', phase.name, table.splitlines()[-1],
+               os.path.join(phase.directory, 'parameters.txt'))
+
+
+def _add_to_interval(interval, metrics):
+  """clu's metrics of a log interval with one more call's: each step's value averaged over the interval, except
+  the learning rate, whose last value is the rate now."""
+  steps = {k: jnp.ravel(v)[-1:] if k == 'learning_rate' else jnp.ravel(v) for k, v in metrics.items()}
+  update = _interval_metrics(tuple(sorted(steps))).single_from_model_output(**steps)
+  return update if interval is None else interval.merge(update)
+
+
+@functools.lru_cache(maxsize=None)
+def _interval_metrics(keys):
+  return clu_metrics.Collection.create(**{
+      k: (clu_metrics.LastValue if k == 'learning_rate' else clu_metrics.Average).from_output(k) for k in keys})
+
+
 class _Profiler:
   """jax.profiler's trace of phase.profile_steps calls from `first_step`, on process 0, into <phase>/tensorboard
   (TensorBoard's profile tab; a bucket run folder gets it when the trace ends)."""
@@ -338,18 +366,17 @@ def run_phase(phase, *, batches, mesh, rng):
                f'{flops / per_call / 1e9:.1f} GFLOP' if flops else 'FLOPs unknown')
 
   log = MetricsLog(phase.directory, resume_step=start_step)
+  _write_parameter_overview(phase, state)
   board = board_lib.Board(phase.directory, resume_step=start_step, enabled=jax.process_index() == 0,
                           hparams={'phase': phase.name, **phase.meta.get('training', {})})
-  interval = []  # the metrics of every call since the last log line: the line holds their mean
+  interval = None  # clu metrics of the calls since the last log line: the line holds their mean
   images_per_call = cfg.batch_size * per_call
   timer_start, timer_images = time.perf_counter(), 0
   run_start = time.perf_counter()
   last_record, batch, summary = None, first, None
 
   def record_of(step):
-    calls = jax.device_get(interval)
-    values = {k: float(np.mean([np.mean(m[k]) for m in calls])) for k in calls[-1]}
-    values['learning_rate'] = float(np.ravel(calls[-1]['learning_rate'])[-1])  # the rate now, not a mean
+    values = {k: float(v) for k, v in jax.device_get(interval.compute()).items()}
     if not all(math.isfinite(v) for v in values.values()):
       section = phase.config_keys.get('training', '<section>')
       raise errors.TrainingDivergedError(
@@ -382,7 +409,7 @@ def run_phase(phase, *, batches, mesh, rng):
       profiler.before(step)
       state, metrics = compiled(state, batch, rng, *extra)
       profiler.after(step, state)
-      interval.append(metrics)
+      interval = _add_to_interval(interval, metrics)
       timer_images += images_per_call
       if step < cfg.train_steps:
         batch = sharding.put_batch(next(data), mesh)  # overlaps with the device's work
@@ -397,7 +424,7 @@ def run_phase(phase, *, batches, mesh, rng):
           last_record['tflops_per_s'] = flops * timer_images / images_per_call / seconds / 1e12
         log.write(last_record)
         board.scalars(last_record)
-        interval.clear()
+        interval = None
         eta = (cfg.train_steps - step) / (timer_images / cfg.batch_size / seconds)
         logging.info('%s: step %d/%d (%d%%) loss %.5f grad_norm %.3f lr %.2e%s | %.1f img/s | ETA %s',
                      phase.name, step, cfg.train_steps, 100 * step // cfg.train_steps, last_record['loss'],
