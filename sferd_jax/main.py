@@ -229,7 +229,8 @@ def _lock(workdir):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  std_logging.getLogger('absl').addFilter(_QuietOrbax())
+  for name in ('absl', 'jax._src.xla_bridge'):  # a logger's filter sees only its own records
+    std_logging.getLogger(name).addFilter(_QuietOrbax())
   logging.set_verbosity(logging.INFO)
   if _JIT_CACHE.value:
     import jax  # pylint: disable=g-import-not-at-top
