@@ -2,6 +2,7 @@
 
 import math
 
+from absl import logging
 import numpy as np
 
 from sferd_jax import files
@@ -72,6 +73,16 @@ def new_figure(figsize, *, purpose):
   fig = figure.Figure(figsize=figsize, layout='constrained')
   backend_agg.FigureCanvasAgg(fig)
   return fig
+
+
+def optional_figure(figsize, *, purpose):
+  """new_figure, or None (and a log line) where matplotlib is missing: for plots that only accompany numbers
+  written elsewhere (a loss curve beside metrics.jsonl, FID against steps beside results.json)."""
+  try:
+    return new_figure(figsize, purpose=purpose)
+  except ImportError as e:
+    logging.info('%s; skipped', e)
+    return None
 
 
 def save_figure(fig, path, *, dpi):

@@ -756,10 +756,8 @@ def load_rows(directory):
 def plot_fid_vs_steps(rows, path):
   """FID against sampling steps (log scale), a line per (guidance, predictor, sample seed, feature extractor) over
   the models that have a row; skipped without matplotlib."""
-  try:
-    fig = images_lib.new_figure((6, 4), purpose='the FID-against-steps plot')
-  except ImportError as e:
-    logging.info('%s; no %s', e, path)
+  fig = images_lib.optional_figure((6, 4), purpose=f'the FID-against-steps plot ({path})')
+  if fig is None:
     return
   ax = fig.add_subplot()
   lines = {}

@@ -303,10 +303,8 @@ def plot_loss(metrics_path, path, *, title):
   records = [json.loads(line) for _, line in _read_metrics(metrics_path)] if files.exists(metrics_path) else []
   if not records:
     return
-  try:
-    fig = images_lib.new_figure((6, 3.5), purpose='the loss curve')
-  except ImportError as e:
-    logging.info('%s; no %s', e, path)
+  fig = images_lib.optional_figure((6, 3.5), purpose=f'the loss curve ({path})')
+  if fig is None:
     return
   ax = fig.add_subplot()
   ax.plot([r['step'] for r in records], [r['loss'] for r in records], '-o', ms=2)
