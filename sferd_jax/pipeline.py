@@ -33,6 +33,7 @@ def run_pipeline(config, workdir):
 
   for i, name in enumerate(config.phases):  # validate() has checked that each is one of config.PHASES
     logging.info('%s', run.line(f'phase {i + 1}/{len(config.phases)}: {name}'))
+    run.phase_starts()
     run_phase(config, workdir, name, mesh=mesh, on_job_done=job_done)
   logging.info('%s', run.line('finished'))
 
