@@ -758,7 +758,7 @@ def plot_fid_vs_steps(rows, path):
   the models that have a row; skipped without matplotlib."""
   fig = images_lib.optional_figure((6, 4), purpose=f'the FID-against-steps plot ({path})')
   if fig is None:
-    return
+    return None
   ax = fig.add_subplot()
   lines = {}
   for row in rows:
@@ -777,6 +777,7 @@ def plot_fid_vs_steps(rows, path):
   ax.set_title('FID against sampling steps')
   ax.legend(fontsize='small')
   images_lib.save_figure(fig, path, dpi=100)
+  return path
 
 
 def write_results(directory, rows):
@@ -856,8 +857,8 @@ def _evaluate(config, workdir, directory):
                    _fmt(nn_dist_real, '.4g'), _fmt(row['code_sensitivity'], '.4g'),
                    'CLASSIFIER' if extractor.startswith(classifier_lib.EXTRACTOR_PREFIX) else 'Inception',
                    row['num_samples'], time.time() - start)
-  plot_fid_vs_steps(load_rows(directory), os.path.join(directory, PLOT_PNG))
-  logging.info('evaluate: wrote %s, %s and %s', os.path.join(directory, RESULTS_JSON),
-               os.path.join(directory, RESULTS_MD), os.path.join(directory, PLOT_PNG))
+  plot = plot_fid_vs_steps(load_rows(directory), os.path.join(directory, PLOT_PNG))
+  logging.info('evaluate: wrote %s', ', '.join([os.path.join(directory, RESULTS_JSON),
+                                                os.path.join(directory, RESULTS_MD)] + ([plot] if plot else [])))
   return dict(rows=rows, extractor=extractor, results=os.path.join(directory, RESULTS_JSON),
               table=os.path.join(directory, RESULTS_MD))

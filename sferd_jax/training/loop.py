@@ -224,12 +224,13 @@ def _write_parameter_overview(phase, state):
                os.path.join(phase.directory, 'parameters.txt'))
 
 
-def _add_to_interval(interval, metrics):
-  """clu's metrics of a log interval with one more call's: each step's value averaged over the interval, except
-  the learning rate, whose last value is the rate now."""
-  steps = {k: jnp.ravel(v)[-1:] if k == 'learning_rate' else jnp.ravel(v) for k, v in metrics.items()}
-  update = _interval_metrics(tuple(sorted(steps))).single_from_model_output(**steps)
-  return update if interval is None else interval.merge(update)
+def _interval_values(calls):
+  """The metrics of a log interval's calls, through clu's metrics: each step's value averaged over the interval,
+  except the learning rate, whose last value is the rate now."""
+  steps = {k: jnp.concatenate([jnp.ravel(call[k]) for call in calls]) for k in calls[-1]}
+  steps['learning_rate'] = steps['learning_rate'][-1:]
+  collection = _interval_metrics(tuple(sorted(steps))).single_from_model_output(**steps)
+  return {k: float(v) for k, v in jax.device_get(collection.compute()).items()}
 
 
 @functools.lru_cache(maxsize=None)
@@ -367,14 +368,14 @@ def run_phase(phase, *, batches, mesh, rng):
   _write_parameter_overview(phase, state)
   board = board_lib.Board(phase.directory, resume_step=start_step, enabled=jax.process_index() == 0,
                           hparams={'phase': phase.name, **phase.meta.get('training', {})})
-  interval = None  # clu metrics of the calls since the last log line: the line holds their mean
+  interval = []  # the metrics of each call since the last log line (on device): the line holds their mean
   images_per_call = cfg.batch_size * per_call
   timer_start, timer_images = time.perf_counter(), 0
   run_start = time.perf_counter()
   last_record, batch, summary = None, first, None
 
   def record_of(step):
-    values = {k: float(v) for k, v in jax.device_get(interval.compute()).items()}
+    values = _interval_values(interval)
     if not all(math.isfinite(v) for v in values.values()):
       section = phase.config_keys.get('training', '<section>')
       raise errors.TrainingDivergedError(
@@ -407,7 +408,7 @@ def run_phase(phase, *, batches, mesh, rng):
       profiler.before(step)
       state, metrics = compiled(state, batch, rng, *extra)
       profiler.after(step, state)
-      interval = _add_to_interval(interval, metrics)
+      interval.append(metrics)  # no work per call: the mean is taken when a line is written
       timer_images += images_per_call
       if step < cfg.train_steps:
         batch = sharding.put_batch(next(data), mesh)  # overlaps with the device's work
@@ -422,7 +423,7 @@ def run_phase(phase, *, batches, mesh, rng):
           last_record['tflops_per_s'] = flops * timer_images / images_per_call / seconds / 1e12
         log.write(last_record)
         board.scalars(last_record)
-        interval = None
+        interval.clear()
         eta = (cfg.train_steps - step) / (timer_images / cfg.batch_size / seconds)
         logging.info('%s: step %d/%d (%d%%) loss %.5f grad_norm %.3f lr %.2e%s | %.1f img/s | ETA %s',
                      phase.name, step, cfg.train_steps, 100 * step // cfg.train_steps, last_record['loss'],
