@@ -72,4 +72,3 @@ def test_atomic_writers_leave_the_whole_file_or_nothing(tmp_path):
     np.savez(tmp, x=np.arange(3))
   with np.load(str(tmp_path / 'c.npz')) as f:
     np.testing.assert_array_equal(f['x'], np.arange(3))
-
