@@ -210,6 +210,24 @@ def atomic_path(path):
     _remove_local(tmp)
 
 
+def local_folder(path):
+  """Where a writer that only writes local files (tensorboardX, jax.profiler) writes the folder `path`: `path`
+  itself when local; for a bucket, a fresh local temporary folder, which upload_folder(local, path) then uploads and
+  removes."""
+  return tempfile.mkdtemp(prefix='sferd_jax_upload_') if is_remote(path) else path
+
+
+def upload_folder(local, path):
+  """Copies the files of local_folder(path) into the bucket folder `path` and removes the local copy, even when the
+  upload fails (no temporary folder is left behind); nothing for a local `path`."""
+  if not is_remote(path):
+    return
+  try:
+    copy(local, path)
+  finally:
+    shutil.rmtree(local, ignore_errors=True)
+
+
 def _remove_local(path):
   if os.path.isdir(path):
     shutil.rmtree(path)

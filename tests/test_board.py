@@ -6,11 +6,20 @@ import glob
 import json
 import os
 import struct
+import tempfile
+import types
 
+import jax.numpy as jnp
 import numpy as np
+import pytest
 from tensorboardX.proto import event_pb2
 
+from sferd_jax import files
 from sferd_jax import pipeline
+from sferd_jax.training import board as board_lib
+from sferd_jax.training import checkpointing
+from sferd_jax.training import loop
+import fake_gcs
 import tiny
 
 
@@ -82,3 +91,48 @@ def test_the_teacher_s_event_files_hold_its_metrics_grids_and_settings(tmp_path)
   traces = glob.glob(os.path.join(workdir, 'teacher', 'tensorboard', 'plugins', 'profile', '*', '*.xplane.pb'))
   assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
   assert not os.path.exists(os.path.join(every_step, 'teacher', 'tensorboard', 'plugins'))
+
+
+def test_a_run_that_fails_after_its_last_step_still_closes_its_board(tmp_path, monkeypatch):
+  closes, real_close = [], checkpointing.PhaseCheckpoints.close
+
+  def failing_close(self):  # the checkpoints' last write fails after the last step, with the summary saved
+    real_close(self)
+    raise OSError('the bucket went away')
+
+  def counted_close(self, real=board_lib.Board.close):
+    closes.append(self.writer is not None)
+    real(self)
+
+  monkeypatch.setattr(checkpointing.PhaseCheckpoints, 'close', failing_close)
+  monkeypatch.setattr(board_lib.Board, 'close', counted_close)
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(OSError, match='went away'):
+    pipeline.run_phase(tiny.load_config(), workdir, 'teacher')
+  assert closes == [True]  # closed once, by the run; its event files hold every line
+  board = scalars(read_events(os.path.join(workdir, 'teacher', 'tensorboard')))
+  assert [step for step, _ in board['loss']] == [2, 4]
+
+
+def test_tensorboard_files_of_a_bucket_run_are_uploaded_and_leave_no_local_folder(tmp_path, monkeypatch):
+  monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path / 'tmp'))  # where files.local_folder makes its folders
+  os.makedirs(tempfile.tempdir)
+  assert files.local_folder(str(tmp_path / 'run')) == str(tmp_path / 'run')  # a local folder is written in place
+  files.upload_folder(str(tmp_path / 'run'), str(tmp_path / 'run'))
+  with fake_gcs.bucket() as store:
+    phase_dir = 'gs://fake-bucket/run/teacher'
+    board = board_lib.Board(phase_dir, resume_step=0, hparams={'phase': 'teacher'})
+    board.scalars({'step': 1, 'loss': 0.5})
+    phase = types.SimpleNamespace(name='teacher', directory=phase_dir, profile_steps=1,
+                                  train_config=types.SimpleNamespace(steps_per_call=1))
+    profiler = loop._Profiler(phase, first_step=1)  # pylint: disable=protected-access
+    profiler.before(1)
+    assert len(os.listdir(tempfile.tempdir)) == 2 and not store.keys('fake-bucket/')  # each writes locally
+    profiler.after(1, jnp.ones(4) * 2)  # the last profiled call: the trace is uploaded
+    assert len(os.listdir(tempfile.tempdir)) == 1 and store.keys('fake-bucket/run/teacher/tensorboard/plugins/')
+    board.close()
+    board.close()  # a second close does nothing
+    files.copy(os.path.join(phase_dir, board_lib.SUBFOLDER), str(tmp_path / 'downloaded'))
+    assert not os.listdir(tempfile.tempdir)
+  assert scalars(read_events(str(tmp_path / 'downloaded'))) == {'loss': [(1, 0.5)]}
+  assert glob.glob(str(tmp_path / 'downloaded' / 'plugins' / 'profile' / '*' / '*.xplane.pb'))

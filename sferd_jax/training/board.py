@@ -7,8 +7,6 @@ still holds every number.
 """
 
 import os
-import shutil
-import tempfile
 
 from absl import logging
 import numpy as np
@@ -41,7 +39,7 @@ class Board:
     except ImportError:
       logging.info('tensorboardX is not installed: no TensorBoard event files (metrics.jsonl has every number)')
       return
-    self.local = tempfile.mkdtemp(prefix='sferd_jax_tb_') if files.is_remote(phase_dir) else self.destination
+    self.local = files.local_folder(self.destination)
     self.writer = SummaryWriter(logdir=self.local, purge_step=resume_step or None, flush_secs=30)
     settings = _flat('', hparams)
     for event in summary.hparams(settings, {'loss': None}):  # the dashboard lists 'loss' beside the settings
@@ -61,11 +59,11 @@ class Board:
                             dataformats='HWC')
 
   def close(self):
+    """Flushes the event files (and uploads them to a bucket run folder); a second call does nothing."""
     if not self.writer:
       return
-    self.writer.close()
-    if self.local != self.destination:
-      for name in os.listdir(self.local):
-        files.copy(os.path.join(self.local, name), os.path.join(self.destination, name))
-      shutil.rmtree(self.local, ignore_errors=True)
-    self.writer = None
+    writer, self.writer = self.writer, None
+    try:
+      writer.close()
+    finally:
+      files.upload_folder(self.local, self.destination)

@@ -10,7 +10,6 @@ import functools
 import json
 import math
 import os
-import tempfile
 import time
 import weakref
 from typing import Any, Callable, Optional
@@ -251,8 +250,7 @@ class _Profiler:
 
   def before(self, step):
     if self.enabled and step == self.first_step:
-      destination = os.path.join(self.phase.directory, board_lib.SUBFOLDER)
-      self.local = tempfile.mkdtemp(prefix='sferd_jax_profile_') if files.is_remote(destination) else destination
+      self.local = files.local_folder(os.path.join(self.phase.directory, board_lib.SUBFOLDER))
       jax.profiler.start_trace(self.local)
       self.tracing = True
 
@@ -264,11 +262,12 @@ class _Profiler:
   def stop(self):
     if not self.tracing:
       return
-    jax.profiler.stop_trace()
     self.tracing = False
     destination = os.path.join(self.phase.directory, board_lib.SUBFOLDER)
-    if self.local != destination:
-      files.copy(self.local, destination)
+    try:
+      jax.profiler.stop_trace()
+    finally:
+      files.upload_folder(self.local, destination)
     logging.info('%s: profiled %d calls into %s (TensorBoard: the profile tab)', self.phase.name,
                  self.phase.profile_steps, destination)
 
@@ -366,8 +365,6 @@ def run_phase(phase, *, batches, mesh, rng):
 
   log = MetricsLog(phase.directory, resume_step=start_step)
   _write_parameter_overview(phase, state)
-  board = board_lib.Board(phase.directory, resume_step=start_step, enabled=jax.process_index() == 0,
-                          hparams={'phase': phase.name, **phase.meta.get('training', {})})
   interval = []  # the metrics of each call since the last log line (on device): the line holds their mean
   images_per_call = cfg.batch_size * per_call
   timer_start, timer_images = time.perf_counter(), 0
@@ -403,51 +400,51 @@ def run_phase(phase, *, batches, mesh, rng):
     ckpts.save(step, state, meta)
 
   profiler = _Profiler(phase, first_step=start_step + 2 * per_call)  # after a call that may have warmed caches
-  try:
-    for step in range(start_step + per_call, cfg.train_steps + 1, per_call):
-      profiler.before(step)
-      state, metrics = compiled(state, batch, rng, *extra)
-      profiler.after(step, state)
-      interval.append(metrics)  # no work per call: the mean is taken when a line is written
-      timer_images += images_per_call
-      if step < cfg.train_steps:
-        batch = sharding.put_batch(next(data), mesh)  # overlaps with the device's work
-      log_now = step % cfg.log_every < per_call or step == cfg.train_steps
-      save_now = step % cfg.checkpoint_every < per_call or step == cfg.train_steps
-      if log_now or save_now:
-        last_record = record_of(step)  # waits for the device; raises before a NaN state is saved
-      if log_now:
-        seconds = time.perf_counter() - timer_start
-        last_record['images_per_s'] = timer_images / seconds
-        if flops:
-          last_record['tflops_per_s'] = flops * timer_images / images_per_call / seconds / 1e12
-        log.write(last_record)
-        board.scalars(last_record)
-        interval.clear()
-        eta = (cfg.train_steps - step) / (timer_images / cfg.batch_size / seconds)
-        logging.info('%s: step %d/%d (%d%%) loss %.5f grad_norm %.3f lr %.2e%s | %.1f img/s | ETA %s',
-                     phase.name, step, cfg.train_steps, 100 * step // cfg.train_steps, last_record['loss'],
-                     last_record['grad_norm'], last_record['learning_rate'],
-                     ''.join(f' {k} {last_record[k]:.4g}' for k in phase_metrics(last_record)),
-                     last_record['images_per_s'], progress.format_eta(eta))
-        timer_start, timer_images = time.perf_counter(), 0
-      if save_now:
-        save(step)
-      if cfg.sample_every and step % cfg.sample_every < per_call and step < cfg.train_steps:
-        _write_grid(phase, state, step, board)
-        timer_start, timer_images = time.perf_counter(), 0  # images/s measures training, not the grid
-    if summary is None:  # the step at train_steps always checkpoints, with its record; _check_steps_per_call
-      # keeps the loop landing on it, so this is a bug, stated rather than a KeyError on a missing record
-      raise RuntimeError(f'{phase.name}: the loop from step {start_step} in strides of {per_call} never reached '
-                         f'train_steps={cfg.train_steps}')
-  finally:
-    profiler.stop()
-    data.close()
-    ckpts.wait()
-    ckpts.close()
-    if summary is None:
-      board.close()
-  try:
+  board = board_lib.Board(phase.directory, resume_step=start_step, enabled=jax.process_index() == 0,
+                          hparams={'phase': phase.name, **phase.meta.get('training', {})})
+  try:  # however the loop or the finish ends, the board is closed once (a bucket run folder gets its event files)
+    try:
+      for step in range(start_step + per_call, cfg.train_steps + 1, per_call):
+        profiler.before(step)
+        state, metrics = compiled(state, batch, rng, *extra)
+        profiler.after(step, state)
+        interval.append(metrics)  # no work per call: the mean is taken when a line is written
+        timer_images += images_per_call
+        if step < cfg.train_steps:
+          batch = sharding.put_batch(next(data), mesh)  # overlaps with the device's work
+        log_now = step % cfg.log_every < per_call or step == cfg.train_steps
+        save_now = step % cfg.checkpoint_every < per_call or step == cfg.train_steps
+        if log_now or save_now:
+          last_record = record_of(step)  # waits for the device; raises before a NaN state is saved
+        if log_now:
+          seconds = time.perf_counter() - timer_start
+          last_record['images_per_s'] = timer_images / seconds
+          if flops:
+            last_record['tflops_per_s'] = flops * timer_images / images_per_call / seconds / 1e12
+          log.write(last_record)
+          board.scalars(last_record)
+          interval.clear()
+          eta = (cfg.train_steps - step) / (timer_images / cfg.batch_size / seconds)
+          logging.info('%s: step %d/%d (%d%%) loss %.5f grad_norm %.3f lr %.2e%s | %.1f img/s | ETA %s',
+                       phase.name, step, cfg.train_steps, 100 * step // cfg.train_steps, last_record['loss'],
+                       last_record['grad_norm'], last_record['learning_rate'],
+                       ''.join(f' {k} {last_record[k]:.4g}' for k in phase_metrics(last_record)),
+                       last_record['images_per_s'], progress.format_eta(eta))
+          timer_start, timer_images = time.perf_counter(), 0
+        if save_now:
+          save(step)
+        if cfg.sample_every and step % cfg.sample_every < per_call and step < cfg.train_steps:
+          _write_grid(phase, state, step, board)
+          timer_start, timer_images = time.perf_counter(), 0  # images/s measures training, not the grid
+      if summary is None:  # the step at train_steps always checkpoints, with its record; _check_steps_per_call
+        # keeps the loop landing on it, so this is a bug, stated rather than a KeyError on a missing record
+        raise RuntimeError(f'{phase.name}: the loop from step {start_step} in strides of {per_call} never reached '
+                           f'train_steps={cfg.train_steps}')
+    finally:
+      profiler.stop()
+      data.close()
+      ckpts.wait()
+      ckpts.close()
     _finish(phase, state, summary, board)  # the summary saved with the last checkpoint: a rerun writes the same
   finally:
     board.close()
