@@ -20,6 +20,9 @@ def get_config():
   config.distill = config_lib.distill_config(
       train_steps=2, batch_size=8, learning_rate=1e-4, log_every=1, checkpoint_every=1, start_num_steps=4,
       end_num_steps=1)
+  config.consistency = config_lib.consistency_config(
+      train_steps=2, batch_size=8, learning_rate=1e-4, log_every=1, checkpoint_every=1, num_steps=2, num_scales=4,
+      target_decay=0.5)
   config.sferd.semantic.update(stages=(-1,), latent_dim=8, encoder_ch=8)
   config.sferd.latent.update(num_layers=3, width=16, num_steps=4)
   config.semantic = config_lib.training_config(

@@ -11,7 +11,7 @@ import ml_collections
 
 from sferd_jax import errors
 
-PHASES = ('teacher', 'distill', 'semantic', 'latent', 'evaluate')
+PHASES = ('teacher', 'distill', 'consistency', 'semantic', 'latent', 'evaluate')
 OPTIMIZERS = ('adam', 'adamw')
 LR_SCHEDULES = ('constant', 'linear_decay')
 
@@ -69,6 +69,21 @@ def distill_config(*, start_num_steps, end_num_steps, schedule='linear_decay', *
   return config
 
 
+def consistency_config(*, num_steps=1, solver='ddim', num_scales=18, target_decay=0.0, loss='pseudo_huber',
+                       **training):
+  """The consistency-distillation section (diffusion/consistency.py): training_config's keys plus CD's own."""
+  config = training_config(loss=loss, **training)   # loss: the distance d, pseudo_huber | l2
+  config.teacher = _optional(str)         # exported model whose ODE is distilled; None = distill's first teacher
+  config.init = _optional(str)            # exported model the student starts from (the teacher, a PD stage: a path
+                                          # in the workdir like 'distill/stage_3'); None = the teacher
+  config.num_steps = num_steps            # sampling steps its export records (sample and evaluate use them)
+  config.solver = solver                  # the teacher's ODE step: ddim | heun (two teacher calls)
+  config.num_scales_start = num_scales    # N(k): ODE grid intervals at the first step ...
+  config.num_scales_end = num_scales      # ... and at the last (the consistency models' schedule; equal: fixed)
+  config.target_decay = target_decay      # mu of the target network theta- (0: theta- = theta, their CD's)
+  return config
+
+
 def base_config():
   """Defaults shared by all configs; a config file overrides what it needs and returns `lock(config)`."""
   config = ml_collections.ConfigDict()
@@ -111,6 +126,8 @@ def base_config():
   config.teacher = training_config(train_steps=1000, batch_size=64, learning_rate=2e-4)
   config.distill = distill_config(train_steps=1000, batch_size=64, learning_rate=5e-5, start_num_steps=256,
                                   end_num_steps=1)
+
+  config.consistency = consistency_config(train_steps=1000, batch_size=64, learning_rate=1e-4)
 
   # SFERD's mechanisms (SFERD.md §3, §4); their defaults are explained in the README.
   config.sferd = ml_collections.ConfigDict()
@@ -188,7 +205,8 @@ def base_config():
       model=_optional(str),  # exported model dir, or a path in the workdir ('teacher', 'distill/stage_3'); None = last
       num_samples=64,
       num_steps=_optional(int),  # None = the model's own step count
-      sampler='ddim',        # ddim | ancestral
+      sampler='auto',        # auto (each model's own: consistency for a consistency model, else ddim) | ddim |
+                             # ancestral | consistency
       clip_x=True,
       batch_size=256,        # samples per device call
       guidance=False,        # sample with the attention-guided model (config.sferd.attention_guidance settings)
@@ -282,7 +300,7 @@ def validate(config):
   # Imported here, not at the top: every config file imports this module, and loading a config needs no JAX.
   # pylint: disable=g-import-not-at-top
   from sferd_jax.data import sources
-  from sferd_jax.diffusion import losses, samplers
+  from sferd_jax.diffusion import consistency, losses, samplers
   from sferd_jax.models import latent, unet
   from sferd_jax.sferd import guided_teacher, semantic_predictor
   # pylint: enable=g-import-not-at-top
@@ -297,14 +315,23 @@ def validate(config):
     _fail('diffusion', 'logsnr_min must be below logsnr_max')
   for section in ('teacher', 'distill', 'semantic', 'latent'):
     _validate_training(config, section, loss_types=losses.LOSS_TYPES)
+  _validate_training(config, 'consistency', loss_types=consistency.DISTANCES)
+  cd = config.consistency
+  if cd.solver not in consistency.SOLVERS:
+    _fail('consistency.solver', f'must be one of {consistency.SOLVERS}, got {cd.solver!r}')
+  if cd.num_scales_start < 1 or cd.num_scales_end < 1 or cd.num_steps < 1:
+    _fail('consistency', f'num_scales_start, num_scales_end and num_steps must be >= 1; got {cd.num_scales_start}, '
+                         f'{cd.num_scales_end}, {cd.num_steps}')
+  if not 0.0 <= cd.target_decay < 1.0:
+    _fail('consistency.target_decay', f'must be in [0, 1), got {cd.target_decay}')
   start, end = config.distill.start_num_steps, config.distill.end_num_steps
   ratio = start / end if end >= 1 else 0
   if end < 1 or start < end or ratio != int(ratio) or not math.log2(ratio).is_integer():
     _fail('distill.start_num_steps',
           f'must be a power-of-two multiple of end_num_steps (each stage halves the step count); got start '
           f'{start}, end {end}. E.g. start_num_steps=1024, end_num_steps=1')
-  if config.sample.sampler not in samplers.SAMPLERS:
-    _fail('sample.sampler', f'must be one of {samplers.SAMPLERS}, got {config.sample.sampler!r}')
+  if config.sample.sampler not in ('auto',) + samplers.SAMPLERS:
+    _fail('sample.sampler', f"must be 'auto' or one of {samplers.SAMPLERS}, got {config.sample.sampler!r}")
   for key in ('sample.num_steps', 'evaluate.num_steps'):
     section, name = key.split('.')
     if config[section][name] is not None and config[section][name] < 1:

@@ -75,6 +75,7 @@ class Model:
 # What an export's model.json must hold for load() and the next phase to use it, by the phase that wrote it.
 REQUIRED_INFO = {'teacher': ('model', 'diffusion', 'num_steps'),
                  'distill': ('model', 'diffusion', 'num_steps', 'stage'),
+                 'consistency': ('model', 'diffusion', 'num_steps'),
                  'semantic': ('semantic', 'stage'), 'latent': ('latent', 'latent_dim')}
 
 
@@ -202,12 +203,17 @@ def in_workdir(path, workdir):
 
 
 def resolve_model_path(path):
-  """An export folder, a phase folder (its model/) or a run folder (its last finished stage, else its teacher)."""
+  """An export folder, a phase folder (its model/) or a run folder (its last finished stage, else its consistency
+  model, else its teacher)."""
   path = files.absolute(path)
   for candidate in (path, layout.export_of(path)):
     if layout.is_exported(candidate):
       return candidate
-  models = layout.RunLayout(path).finished_models()
+  run = layout.RunLayout(path)
+  stages = run.finished_stages()
+  if stages:
+    return stages[-1][1]
+  models = run.finished_models()  # the consistency model, else the teacher
   if models:
     return models[-1]
   raise errors.CheckpointError(

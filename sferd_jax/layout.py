@@ -5,6 +5,7 @@
   distill/stage_<k>/semantic/  E_phi and G_tau trained on that stage's frozen student (model/ is their export)
   distill/stage_<k>/latent/    the latent diffusion over E_phi's codes (model/: its params and the code statistics)
   distill/stages.{json,md}     the stage table: student steps, final loss, wall time, images/s
+  consistency/                 consistency distillation of the teacher (model/: the consistency model)
   samples/                     the teacher's and each student's samples side by side; the sample mode's output
   evaluate/                    FID/KID/IS rounds and tables
   analyze/                     the fitting-error analysis
@@ -69,6 +70,14 @@ class RunLayout:
     """The stage table's path without its extension (.json and .md are written)."""
     return os.path.join(self.distill_dir, 'stages')
 
+  @property
+  def consistency_dir(self):
+    return os.path.join(self.workdir, 'consistency')
+
+  @property
+  def consistency_model(self):
+    return export_of(self.consistency_dir)
+
   def stage_dir(self, stage):
     return os.path.join(self.distill_dir, f'stage_{stage}')
 
@@ -98,9 +107,11 @@ class RunLayout:
     return [(k, self.stage_model(k)) for k in sorted(stages) if is_exported(self.stage_model(k))]
 
   def finished_models(self):
-    """The exported teacher (when there is one), then every exported stage: the models a run has made."""
+    """The exported teacher (when there is one), every exported stage, then the consistency model: the models a
+    run has made."""
     teacher = [self.teacher_model] if is_exported(self.teacher_model) else []
-    return teacher + [path for _, path in self.finished_stages()]
+    consistency = [self.consistency_model] if is_exported(self.consistency_model) else []
+    return teacher + [path for _, path in self.finished_stages()] + consistency
 
 
 def predictor_exports(stage_dir):

@@ -43,9 +43,9 @@ _MODE = flags.DEFINE_enum('mode', 'pipeline', MODES, 'pipeline runs every phase 
                           'config: the ablation of configs/study_fashion_mnist.py).')
 
 
-class _QuietOrbax(std_logging.Filter):
-  """Orbax logs every save and restore at INFO; keep its warnings only. JAX logs at INFO that a machine without a
-  TPU has no libtpu; drop that too."""
+class _QuietLogs(std_logging.Filter):
+  """Drops the INFO lines nobody acts on: Orbax's for every save and restore, and JAX's that a machine without a TPU
+  has no libtpu. Warnings and errors always pass."""
 
   def filter(self, record):
     if record.levelno >= std_logging.WARNING:
@@ -181,7 +181,7 @@ def _write_samples(config, workdir):
   """The sample mode: a PNG grid and an .npz of config.sample.num_samples samples of config.sample.model."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from sferd_jax import exports, files, images, layout  # pylint: disable=g-import-not-at-top
+  from sferd_jax import exports, files, images, layout, sampling  # pylint: disable=g-import-not-at-top
   model = exports.load(exports.in_workdir(config.sample.model, workdir))
   if config.sample.semantic and not model.has_semantic:
     raise errors.CheckpointError(f'{model.path} has no semantic gradient predictor: run the semantic and latent '
@@ -192,7 +192,8 @@ def _write_samples(config, workdir):
   samples = model.sample(jax.random.key(config.seed), num_samples=config.sample.num_samples, num_steps=num_steps,
                          sampler=config.sample.sampler, clip_x=config.sample.clip_x, guidance=guidance,
                          batch_size=config.sample.batch_size, **semantic)
-  name = (f'{model.config.name}_{num_steps}steps_{config.sample.sampler}' + ('_guided' if guidance else '')
+  sampler = sampling.resolve_sampler(model.config.model, config.sample.sampler)
+  name = (f'{model.config.name}_{num_steps}steps_{sampler}' + ('_guided' if guidance else '')
           + ('_semantic' if config.sample.semantic else ''))
   if jax.process_index() != 0:  # every process samples the same images; one writes them
     return
@@ -230,7 +231,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   for name in ('absl', 'jax._src.xla_bridge'):  # a logger's filter sees only its own records
-    std_logging.getLogger(name).addFilter(_QuietOrbax())
+    std_logging.getLogger(name).addFilter(_QuietLogs())
   logging.set_verbosity(logging.INFO)
   if _JIT_CACHE.value:
     import jax  # pylint: disable=g-import-not-at-top

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from sferd_jax.diffusion import process
 from sferd_jax.diffusion import samplers
 from sferd_jax.diffusion import schedules
 from sferd_jax import images as images_lib
@@ -104,6 +105,14 @@ def _draw_codes(model_config, diffusion_config, semantic_config, semantic_params
   return jax.vmap(draw)(code_keys, labels)
 
 
+def resolve_sampler(model_config, sampler):
+  """'auto' -> a model's own sampler: 'consistency' for a consistency model (output type 'consistency_<head>'), whose
+  steps re-noise its x with fresh noise; 'ddim' for every other. Any other name is returned as given."""
+  if sampler != 'auto':
+    return sampler
+  return 'consistency' if process.is_consistency(model_config['output_type']) else 'ddim'
+
+
 def sample_keys(rng, *, num_samples, first_index=0):
   """Keys of samples first_index..first_index+num_samples-1: sample i's key is fold_in(rng, i)."""
   return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(first_index, first_index + num_samples))
@@ -115,7 +124,7 @@ def initial_noise(rng, *, num_samples, shape, first_index=0):
   return jax.vmap(lambda k: jax.random.normal(k, shape))(keys)
 
 
-def sample(params, rng, *, model_config, num_samples, num_steps, labels=None, sampler='ddim', clip_x=True,
+def sample(params, rng, *, model_config, num_samples, num_steps, labels=None, sampler='auto', clip_x=True,
            diffusion_config=None, guidance=None, semantic=None, batch_size=256):
   """Draws num_samples images with num_steps steps: uint8 (N, H, W, C).
 
@@ -124,6 +133,7 @@ def sample(params, rng, *, model_config, num_samples, num_steps, labels=None, sa
   num_samples or batch_size. Class-conditional models draw uniform labels from rng for all num_samples at once
   (so there the first k images stay fixed only when `labels` (N,) is given). Batches are sharded over this
   process's devices; params may be global (replicated) arrays of a multi-host job: this process's copy is used.
+  sampler: 'auto' (the model's own: resolve_sampler), or one of samplers.SAMPLERS.
   guidance: an attention-guidance section (config.sferd.attention_guidance) to sample with the attention-guided
   model (self-attention-guided DDIM), or None.
   semantic: a SemanticPredictor (Model.semantic) to shift the student's x prediction by its semantic gradient
@@ -133,6 +143,7 @@ def sample(params, rng, *, model_config, num_samples, num_steps, labels=None, sa
     raise ValueError(f'num_steps must be >= 1, got {num_steps}')
   model_config = ml_collections.ConfigDict(model_config) if not isinstance(model_config,
                                                                            ml_collections.ConfigDict) else model_config
+  sampler = resolve_sampler(model_config, sampler)
   noise_rng, label_rng, loop_rng = jax.random.split(rng, 3)
   code_rng = jax.random.fold_in(rng, 3)  # a fourth stream; fold_in(rng, i < 3) would repeat split's keys
   if labels is None:

@@ -14,12 +14,12 @@ import tiny
 
 
 def test_specs_of_every_phase_and_their_seeds():
-  """The data and noise seeds are config.seed + the phase's offset (teacher 0, distill 1, semantic 2, latent 3):
-  resumes and the quickstart's numbers rely on them."""
+  """The data and noise seeds are config.seed + the phase's offset (teacher 0, distill 1, semantic 2, latent 3,
+  consistency 4): resumes and the quickstart's numbers rely on them."""
   config = tiny.load_config()
   specs = {name: phases.build(config, name) for name in phases.PHASES}
   assert {name: spec.seed - config.seed for name, spec in specs.items()} == {
-      'teacher': 0, 'distill': 1, 'semantic': 2, 'latent': 3}
+      'teacher': 0, 'distill': 1, 'semantic': 2, 'latent': 3, 'consistency': 4}
   for name, spec in specs.items():
     assert spec.name == name and spec.train_config == config[name]
   assert specs['distill'].meta['training']['batch_size'] == config.distill.batch_size

@@ -6,11 +6,17 @@ Images are NHWC float32 in [-1, 1]; log-SNR has shape (B,) and broadcasts over t
 from typing import NamedTuple
 
 import chex
+import jax
 import jax.numpy as jnp
 
 from sferd_jax.diffusion import schedules
 
 OUTPUT_TYPES = ('x', 'eps', 'v', 'both')
+# A consistency model (diffusion/consistency.py) is a U-Net with one of those heads whose x prediction is then mixed
+# with z / alpha to meet the boundary condition: output type 'consistency_<head>', e.g. 'consistency_x'.
+CONSISTENCY = 'consistency_'
+# The data's standard deviation in the boundary mix, the consistency models' (and EDM's) value for images in [-1, 1].
+SIGMA_DATA = 0.5
 
 
 class Prediction(NamedTuple):
@@ -73,6 +79,34 @@ def eps_from_v(*, z, v, logsnr):
   return sigma * z + alpha * v
 
 
+def head_type(output_type):
+  """The U-Net head behind an output type: 'consistency_both' -> 'both'; a plain type is its own head."""
+  return output_type[len(CONSISTENCY):] if output_type.startswith(CONSISTENCY) else output_type
+
+
+def is_consistency(output_type):
+  return output_type.startswith(CONSISTENCY)
+
+
+def skip_coefficient(logsnr, *, sigma_data=SIGMA_DATA):
+  """c_skip = sigma_d^2 / (sigma_d^2 + s^2) with s = sigma / alpha, the consistency models' c_skip(t = s) with
+  eps = 0: in log-SNR form sigmoid(lambda + log sigma_d^2). 1 at lambda = +inf (in float32 already at the
+  schedule's lambda_max = 20), 1/2 where s = sigma_d, ~0 at high noise."""
+  return jax.nn.sigmoid(jnp.asarray(logsnr, jnp.float32) + 2.0 * jnp.log(sigma_data))
+
+
+def consistency_output(pred, *, z, logsnr):
+  """f(z, lambda) = c_skip z / alpha + (1 - c_skip) x_hat: the boundary-condition parameterisation.
+
+  f(z, lambda_max) = z / alpha, the identity on the ODE's data end; at high noise f is the network's x prediction,
+  so a teacher or a PD student initialises it. The consistency models' c_out scales a raw output by
+  sigma_d s / sqrt(sigma_d^2 + s^2); here the head's own x prediction (of whatever type) takes 1 - c_skip.
+  """
+  alpha, _ = coefficients(logsnr, z)
+  c_skip = expand(skip_coefficient(logsnr), z)
+  return from_x(x=c_skip * (z / alpha) + (1.0 - c_skip) * pred.x, z=z, logsnr=logsnr)
+
+
 def predict(*, output, z, logsnr, output_type):
   """Model output -> Prediction(x, eps, v).
 
@@ -80,6 +114,9 @@ def predict(*, output, z, logsnr, output_type):
   distillation: x = sigma^2 x_out + alpha^2 x(eps_out), which trusts x_out at high noise and eps_out at low.
   """
   output = output.astype(jnp.float32)
+  if is_consistency(output_type):
+    pred = predict(output=output, z=z, logsnr=logsnr, output_type=head_type(output_type))
+    return consistency_output(pred, z=z, logsnr=logsnr)
   if output_type == 'x':
     chex.assert_equal_shape([output, z])
     x = output
@@ -99,7 +136,8 @@ def predict(*, output, z, logsnr, output_type):
     x = sigma**2 * x_out + alpha**2 * x_from_eps(z=z, eps=eps_out, logsnr=logsnr)
     eps = eps_from_x(z=z, x=x, logsnr=logsnr)
   else:
-    raise ValueError(f'output_type must be one of {OUTPUT_TYPES}, got {output_type!r}')
+    raise ValueError(f'output_type must be one of {OUTPUT_TYPES} (or one of them prefixed {CONSISTENCY!r}), got '
+                     f'{output_type!r}')
   return Prediction(x=x, eps=eps, v=v_from_x_eps(x=x, eps=eps, logsnr=logsnr))
 
 

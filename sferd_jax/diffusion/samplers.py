@@ -1,4 +1,4 @@
-"""DDIM and ancestral samplers as one jitted fori_loop over a uniform time grid.
+"""DDIM, ancestral and consistency samplers as one jitted fori_loop over a uniform time grid.
 
 A `denoise_fn(z, logsnr) -> Prediction` stands for the model; the loop knows nothing else about it, so the same
 loop samples a teacher, a distilled student, a guided teacher or a student with a semantic shift.
@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from sferd_jax.diffusion import process
 from sferd_jax.diffusion import schedules
 
-SAMPLERS = ('ddim', 'ancestral')
+SAMPLERS = ('ddim', 'ancestral', 'consistency')
 
 
 def ddim_step(*, pred, logsnr_s):
@@ -33,6 +33,12 @@ def ancestral_step(*, pred, z_t, logsnr_t, logsnr_s, rng):
   return mean + std * jax.random.normal(rng, z_t.shape, z_t.dtype)
 
 
+def consistency_step(*, pred, logsnr_s, rng):
+  """Multistep consistency sampling: the model's x at t, diffused afresh to s (new noise, not the model's eps)."""
+  eps = jax.random.normal(rng, pred.x.shape, pred.x.dtype)
+  return process.diffuse(x=pred.x, eps=eps, logsnr=logsnr_s)
+
+
 def time_grid(i, num_steps):
   """Step i of num_steps (i = num_steps - 1 first) goes from t = (i + 1) / N to s = i / N."""
   n = jnp.asarray(num_steps, jnp.float32)
@@ -45,7 +51,8 @@ def sample_loop(*, denoise_fn, z_init, num_steps, rng, sampler='ddim', clip_x=Tr
   """Runs num_steps denoising steps from z_init at t = 1 and returns x at t = 0.
 
   num_steps may be a traced int32: one compilation serves every step count. The last step returns x_hat
-  itself (as progressive distillation does), so a 1-step sampler is one model evaluation.
+  itself (as progressive distillation does), so a 1-step sampler is one model evaluation. 'consistency' is the
+  consistency models' multistep sampler: each step maps z_t to x and diffuses it to s with fresh noise.
   """
   if sampler not in SAMPLERS:
     raise ValueError(f'sampler must be one of {SAMPLERS}, got {sampler!r}')
@@ -61,9 +68,11 @@ def sample_loop(*, denoise_fn, z_init, num_steps, rng, sampler='ddim', clip_x=Tr
       pred = process.clip_x(pred, z=z_t, logsnr=logsnr_t)
     if sampler == 'ddim':
       z_s = ddim_step(pred=pred, logsnr_s=logsnr_s)
-    else:
+    elif sampler == 'ancestral':
       z_s = ancestral_step(pred=pred, z_t=z_t, logsnr_t=logsnr_t, logsnr_s=logsnr_s,
                            rng=jax.random.fold_in(rng, i))
+    else:
+      z_s = consistency_step(pred=pred, logsnr_s=logsnr_s, rng=jax.random.fold_in(rng, i))
     return jnp.where(i == 0, pred.x, z_s)
 
   return jax.lax.fori_loop(0, num_steps, body, z_init)

@@ -545,10 +545,12 @@ def sample_seeds(config):
   return tuple(int(s) for s in config.evaluate.sample_seeds or (config.seed,))
 
 
-def sample_kwargs(config, variant):
+def sample_kwargs(config, variant, model):
   """Model.sample's keyword arguments for a variant (semantic only when on: models without it lack the option),
-  the predictor's switch-off from config.sferd.semantic.stop_fraction, a sampling setting."""
-  kwargs = dict(num_steps=variant.num_steps, sampler=config.sample.sampler, clip_x=config.sample.clip_x,
+  the predictor's switch-off from config.sferd.semantic.stop_fraction, a sampling setting. The sampler is named
+  ('auto' resolved: a model's own), so the record says what drew the samples."""
+  sampler = sampling.resolve_sampler(model.config.model, config.sample.sampler)
+  kwargs = dict(num_steps=variant.num_steps, sampler=sampler, clip_x=config.sample.clip_x,
                 batch_size=config.sample.batch_size,
                 guidance=dict(config.sferd.attention_guidance, enabled=True) if variant.guidance else None)
   if variant.semantic:
@@ -561,7 +563,7 @@ def variant_meta(config, variant, model):
   meta = dict(model=variant.model, model_fingerprint=exports.fingerprint(model.params), seed=variant.seed(config),
               round_size=config.evaluate.round_size,
               image_shape=[model.config.model.image_size] * 2 + [model.config.model.channels],
-              **sample_kwargs(config, variant))
+              **sample_kwargs(config, variant, model))
   if variant.semantic:
     # The predictor and latent model are retrained apart from the student: they are part of the sampler.
     meta['semantic_fingerprint'] = exports.fingerprint(
@@ -612,7 +614,7 @@ def draw_round(model, config, variant, round_index, n):
   # shorter round is a prefix, and one batch shape means one compilation per variant.
   size = min(config.evaluate.round_size, config.evaluate.num_samples)
   images = model.sample(round_key(variant.seed(config), variant.name, round_index), num_samples=size,
-                        **sample_kwargs(config, variant))
+                        **sample_kwargs(config, variant, model))
   return np.asarray(images)[:n]
 
 
@@ -847,7 +849,7 @@ def _evaluate(config, workdir, directory):
                  semantic=variant.semantic, sample_seed=variant.seed(config),
                  num_samples=int(features['pool'].shape[0]), **scores,
                  nn_dist_real=nn_dist_real, **code_sensitivity(config, variant, model), extractor=extractor,
-                 variant=variant.name, sampler=config.sample.sampler)
+                 variant=variant.name, sampler=sampling.resolve_sampler(model.config.model, config.sample.sampler))
       rows.append(row)
       write_results(directory, merge_rows(load_rows(directory), [row]))
       kid = '-' if row['kid_mean'] is None else f"{row['kid_mean']:.5g} ± {row['kid_std']:.2g}"

@@ -30,6 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sferd_jax.diffusion import process
 from sferd_jax.diffusion.process import OUTPUT_TYPES
 from sferd_jax.models import layers
 
@@ -252,7 +253,7 @@ def _norm_channels(model_config):
 
 def validate_model_config(model_config):
   """Raises ValueError saying what to change when the config cannot build a U-Net."""
-  if model_config['output_type'] not in OUTPUT_TYPES:
+  if process.head_type(model_config['output_type']) not in OUTPUT_TYPES:
     raise ValueError(f'model.output_type must be one of {OUTPUT_TYPES}, got {model_config["output_type"]!r}')
   compute_dtype(model_config['dtype'])
   mult, size = tuple(model_config['ch_mult']), model_config['image_size']
@@ -298,7 +299,7 @@ def make_unet(model_config, *, capture_attention=()):
       ch_mult=tuple(model_config['ch_mult']),
       num_res_blocks=model_config['num_res_blocks'],
       attn_resolutions=tuple(model_config['attn_resolutions']),
-      out_channels=model_config['channels'] * (2 if model_config['output_type'] == 'both' else 1),
+      out_channels=model_config['channels'] * (2 if process.head_type(model_config['output_type']) == 'both' else 1),
       num_heads=model_config['num_heads'] or None,
       head_dim=model_config['head_dim'] or None,
       dropout=float(model_config['dropout']),

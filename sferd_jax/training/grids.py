@@ -20,10 +20,11 @@ GRID_SAMPLES = 64
 TEACHER_GRID_STEPS = 128  # teacher grids show the base model well sampled, at a fixed cost per grid
 
 
-def grid_sampler(config, num_steps):
-  """Teacher and distillation grids: GRID_SAMPLES samples of the model being trained, at num_steps steps."""
+def grid_sampler(config, num_steps, *, model_config=None):
+  """Teacher and distillation grids: GRID_SAMPLES samples of the model being trained, at num_steps steps, with its
+  own sampler. model_config: the trained model's when it is not config.model (a consistency model's)."""
   def sample_fn(params):
-    return sampling.sample(params, jax.random.key(config.seed), model_config=config.model,
+    return sampling.sample(params, jax.random.key(config.seed), model_config=model_config or config.model,
                            num_samples=GRID_SAMPLES, num_steps=num_steps, diffusion_config=config.diffusion.to_dict())
   return sample_fn
 

@@ -11,12 +11,14 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import logging
 
 from sferd_jax import config as config_lib
 from sferd_jax import data as data_lib
 from sferd_jax.data import codes as codes_lib
+from sferd_jax.diffusion import process
 from sferd_jax import errors
 from sferd_jax import exports
 from sferd_jax import files
@@ -32,9 +34,10 @@ from sferd_jax.training import state as state_lib
 from sferd_jax.training import steps as steps_lib
 
 # Training keys that do not change what a phase computes: a resume may change them. (steps_per_call only groups
-# the same steps into calls; distill's stage keys are covered by student_steps and the teacher fingerprint.)
+# the same steps into calls; distill's stage keys are covered by student_steps and the teacher fingerprint, and
+# consistency's teacher and init by their fingerprints; its num_steps is only what its export samples with.)
 RESUMABLE_KEYS = ('log_every', 'checkpoint_every', 'keep_checkpoints', 'sample_every', 'steps_per_call', 'teacher',
-                  'start_num_steps', 'end_num_steps')
+                  'start_num_steps', 'end_num_steps', 'init', 'num_steps')
 # The config key of each top-level key of a phase's resume record (loop.Phase.config_keys); 'training' and 'loss'
 # are the phase's own section. Fingerprints of earlier exports (teacher, student, encoder) are not settings.
 META_CONFIG_KEYS = {'model': 'model', 'diffusion': 'diffusion', 'data': 'data', 'seed': 'seed',
@@ -111,6 +114,8 @@ def planned_jobs(config, name):
     return 1
   if name == 'distill':
     return config_lib.num_stages(config)
+  if name == 'consistency':
+    return 1
   return len(config_lib.semantic_stages(config))
 
 
@@ -147,11 +152,10 @@ def make_batches(config, spec):
                           random_flip=config.data.random_flip)
 
 
-def _optimizer(train_config):
-  """(tx, its learning-rate schedule, create(params) -> a TrainState updated by tx) of a training section."""
+def _optimizer(train_config, state_class=state_lib.TrainState):
+  """(tx, its learning-rate schedule, create(params) -> a state_class updated by tx) of a training section."""
   tx, schedule = state_lib.make_optimizer(train_config.optimizer, train_config.train_steps)
-  return tx, schedule, lambda params: state_lib.TrainState.create(params=params, tx=tx,
-                                                                  ema_decay=train_config.ema_decay)
+  return tx, schedule, lambda params: state_class.create(params=params, tx=tx, ema_decay=train_config.ema_decay)
 
 
 def training_meta(train_config):
@@ -224,6 +228,8 @@ def check_architecture(export_path, config):
     saved, wanted = info.get(section), config_lib.to_json(config[section])
     if saved is None:  # an export older than the section's record: nothing to compare
       continue
+    if section == 'model':  # a consistency model has its teacher's parameters: compare the heads
+      saved = dict(saved, output_type=process.head_type(saved.get('output_type', '')))
     diff.update({f'{section}.{k}': (saved.get(k), v) for k, v in wanted.items()
                  if saved.get(k) != v and k not in NOT_ARCHITECTURE})
   if diff:
@@ -359,6 +365,76 @@ def distill_jobs(config, run, spec, mesh):
               run.stage_dir(stage), prepare)
 
 
+# Consistency distillation of the teacher (or of config.consistency.teacher): one job, consistency/.
+
+
+def consistency_model_config(config):
+  """The consistency model's architecture: config.model with the boundary-condition output (output type
+  'consistency_<head>'), so that its parameters are the teacher's and any export of it samples as one."""
+  model_config = config.model.to_dict()
+  return ml_collections.ConfigDict(dict(model_config, output_type=process.CONSISTENCY + model_config['output_type']))
+
+
+def _export_in(path, workdir):
+  """A config's model path ('teacher', 'distill/stage_3', an export or a phase folder) as an export folder."""
+  path = files.absolute(exports.in_workdir(path, workdir))
+  return path if layout.is_exported(path) or not layout.is_exported(layout.export_of(path)) \
+      else layout.export_of(path)
+
+
+def consistency_teacher_path(config, workdir):
+  """The model whose ODE is distilled: config.consistency.teacher, else the model distill's first stage distils."""
+  if config.consistency.teacher:
+    return _export_in(config.consistency.teacher, workdir)
+  return teacher_path(config, workdir)
+
+
+def consistency_spec(config):
+  """The teacher's params are the step's argument; the student starts from config.consistency.init (the teacher by
+  default) with a fresh optimizer and its target network theta- equal to it."""
+  train_config = config.consistency
+  tx, schedule, create = _optimizer(train_config, state_lib.ConsistencyState)
+  step = steps_lib.make_consistency_step(
+      model=unet.make_unet(config.model), output_type=consistency_model_config(config).output_type,
+      model_config=config.model, diffusion_config=config.diffusion.to_dict(), train_config=train_config, tx=tx,
+      schedule=schedule,
+      teacher_fn=guided_teacher.denoise_factory(config.model, config.sferd.attention_guidance))
+  return PhaseSpec(name='consistency', train_config=train_config, step=step, init=create, create=create,
+                   seed=config.seed + 4,
+                   meta=dict(model=config.model.to_dict(), diffusion=config.diffusion.to_dict(),
+                             data=data_record(config), seed=config.seed, loss=train_config.loss,
+                             attention_guidance=guidance_meta(config), training=training_meta(train_config)))
+
+
+def consistency_jobs(config, run, spec, mesh):
+  num_steps = config.consistency.num_steps
+
+  def prepare():
+    replicated = sharding.replicated(mesh)  # the teacher enters the steps
+    teacher = consistency_teacher_path(config, run.workdir)
+    if not layout.is_exported(teacher):
+      raise errors.CheckpointError(f'consistency distillation needs its teacher at {teacher}; train it first (the '
+                                   f'teacher phase) or set config.consistency.teacher to an exported model.')
+    check_architecture(teacher, config)
+    check_provenance(config, teacher, 'consistency distillation')
+    teacher_params = exports.load(teacher, sharding=replicated).params
+    init = _export_in(config.consistency.init, run.workdir) if config.consistency.init else teacher
+    if init != teacher:
+      check_architecture(init, config)
+      check_provenance(config, init, 'consistency distillation')
+    init_params = teacher_params if init == teacher else exports.load(init, sharding=replicated).params
+    fingerprints = dict(teacher=exports.fingerprint(teacher_params), init=exports.fingerprint(init_params))
+    student_config = consistency_model_config(config)
+    info = dict(model_info(config, name='consistency', phase='consistency', num_steps=num_steps, teacher=teacher,
+                           teacher_fingerprint=fingerprints['teacher'], init=init,
+                           attention_guidance=guidance_meta(config)), model=student_config.to_dict())
+    return Inputs(batches=make_batches(config, spec), rng=jax.random.key(spec.seed), meta=fingerprints,
+                  init_args=(init_params,), extra_args=(teacher_params,),
+                  sample_fn=grids.grid_sampler(config, num_steps, model_config=student_config), info=info)
+
+  yield Job(f'consistency distillation ({num_steps}-step sampler)', run.consistency_dir, prepare)
+
+
 # The semantic gradient predictor: E_phi and G_tau on the frozen student of each stage of semantic_stages.
 
 
@@ -472,6 +548,7 @@ def latent_jobs(config, run, spec, mesh):
 PHASES = {
     'teacher': (teacher_spec, teacher_jobs),
     'distill': (distill_spec, distill_jobs),
+    'consistency': (consistency_spec, consistency_jobs),
     'semantic': (semantic_spec, semantic_jobs),
     'latent': (latent_spec, latent_jobs),
 }

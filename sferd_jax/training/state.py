@@ -26,6 +26,17 @@ class TrainState(flax.struct.PyTreeNode):
     return self.params if self.ema_params is None else self.ema_params
 
 
+class ConsistencyState(TrainState):
+  """A consistency-distillation state: TrainState plus the target network theta-, an EMA of params (its own decay,
+  apart from the exported EMA's). Its own class, so the other phases' checkpoints keep their structure."""
+  target_params: Any = None
+
+  @classmethod
+  def create(cls, *, params, tx, ema_decay):
+    state = super().create(params=params, tx=tx, ema_decay=ema_decay)
+    return state.replace(target_params=jax.tree.map(jnp.copy, params))
+
+
 def learning_rate_schedule(opt_cfg, train_steps):
   """Linear warm-up from 0, then constant or linearly annealed to 0 at train_steps."""
   lr, warmup = opt_cfg.learning_rate, opt_cfg.warmup_steps

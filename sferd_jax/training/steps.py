@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sferd_jax.diffusion import consistency
 from sferd_jax.diffusion import distillation
 from sferd_jax.diffusion import losses
 from sferd_jax.diffusion import process
@@ -124,6 +125,50 @@ def make_distill_step(*, model, model_config, diffusion_config, train_config, tx
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     return _finish(state, grads, loss, tx=tx, ema_decay=train_config.ema_decay, schedule=schedule)
+
+  return step
+
+
+def make_consistency_step(*, model, output_type, model_config, diffusion_config, train_config, tx, schedule,
+                          teacher_fn):
+  """The consistency-distillation step (diffusion/consistency.py): step(state, batch, rng, teacher_params).
+
+  state is a ConsistencyState: params theta (output type `output_type`, 'consistency_<head>') and the target theta-.
+  The teacher's one ODE step from t_{n+1} to t_n (plain or attention-guided teacher_fn, as in make_distill_step)
+  gives z_n; theta- maps it to the target of f_theta(z_{n+1}). The grid's size N(k) follows the step counter.
+  train_config: the consistency section (config.consistency: its solver, distance (loss), scales, target decay).
+  """
+  logsnr_fn = lambda t: schedules.cosine_logsnr(t, **diffusion_config)
+  cfg = train_config
+
+  def step(state, batch, rng, teacher_params):
+    rng = jax.random.fold_in(rng, state.step)
+    n_rng, noise_rng, dropout_rng = jax.random.split(rng, 3)
+    x = batch['image']
+    labels = denoiser.labels_or_none(model_config, batch['label'])
+    num = consistency.num_scales(state.step, start=cfg.num_scales_start, end=cfg.num_scales_end,
+                                 total_steps=train_config.train_steps)
+    n = jax.random.randint(n_rng, (x.shape[0],), 0, num)
+    logsnr_next, logsnr_now = consistency.grid_levels(n, num, logsnr_fn=logsnr_fn)
+    z_next = process.diffuse(x=x, eps=jax.random.normal(noise_rng, x.shape, x.dtype), logsnr=logsnr_next)
+    teacher = teacher_fn(jax.lax.stop_gradient(teacher_params), labels)
+    z_now = consistency.ode_step(teacher_fn=teacher, z=z_next, logsnr_t=logsnr_next, logsnr_s=logsnr_now,
+                                 solver=cfg.solver)
+    # The target network runs in inference mode: no dropout noise in what the student regresses.
+    target = denoiser.denoise(model, state.target_params, jax.lax.stop_gradient(z_now), logsnr_now, labels,
+                              output_type=output_type)
+    target_x = jax.lax.stop_gradient(target.x)
+
+    def loss_fn(params):
+      pred = denoiser.denoise(model, params, z_next, logsnr_next, labels, output_type=output_type, train=True,
+                              dropout_rng=dropout_rng)
+      return jnp.mean(consistency.distance(pred.x, target_x, kind=cfg.loss))
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    new_state, metrics = _finish(state, grads, loss, tx=tx, ema_decay=train_config.ema_decay, schedule=schedule)
+    new_state = new_state.replace(target_params=consistency.update_target(
+        state.target_params, new_state.params, decay=cfg.target_decay))
+    return new_state, dict(metrics, num_scales=num)
 
   return step
 
