@@ -1,6 +1,6 @@
 """No module imports one above it: the package's layers, read from the source so it stays true.
 
-  main                          the CLI
+  main  tools/                  the CLI  |  one-off converters (import_pd)
   study                         the ablation runner
   pipeline                      a run: the phases of config.phases in order
   training/  evaluation/        the loop and the phases  |  FID, the classifier, the fitting-error analysis
@@ -35,7 +35,7 @@ LAYERS = (
     ('training', 'evaluation'),
     ('pipeline',),
     ('study',),
-    ('main', '__init__'),
+    ('main', 'tools', '__init__'),
 )
 LAYER_OF = {unit: level for level, units in enumerate(LAYERS) for unit in units}
 
