@@ -81,6 +81,8 @@ def consistency_config(*, num_steps=1, solver='ddim', num_scales=18, target_deca
   config.num_scales_start = num_scales    # N(k): ODE grid intervals at the first step ...
   config.num_scales_end = num_scales      # ... and at the last (the consistency models' schedule; equal: fixed)
   config.target_decay = target_decay      # mu of the target network theta- (0: theta- = theta, their CD's)
+  config.semantic = False                 # SFERD on CD: the semantic and latent phases also train a predictor and
+                                          # its latent model on the consistency model (consistency/semantic, /latent)
   return config
 
 
@@ -174,8 +176,9 @@ def base_config():
                                   ema_decay=0.999, loss='eps_mse', grad_clip=1.0)
 
   config.evaluate = dict(
-      models=_optional(tuple),  # exported models to score, as paths in the workdir ('teacher', 'distill/stage_3');
-                              # None = the teacher and every finished stage
+      models=_optional(tuple),  # exported models to score, as paths in the workdir ('teacher', 'distill/stage_3',
+                              # 'consistency@2' for a model at 2 steps);
+                              # None = the teacher, every finished stage and the consistency model
       num_steps=_optional(int),  # sampling steps per model; None = each model's own
       guidance=(False,),      # variants to score: without / with attention-guided sampling
       semantic=(False,),      # variants: without / with the semantic gradient predictor (models that have one)

@@ -5,7 +5,8 @@
   distill/stage_<k>/semantic/  E_phi and G_tau trained on that stage's frozen student (model/ is their export)
   distill/stage_<k>/latent/    the latent diffusion over E_phi's codes (model/: its params and the code statistics)
   distill/stages.{json,md}     the stage table: student steps, final loss, wall time, images/s
-  consistency/                 consistency distillation of the teacher (model/: the consistency model)
+  consistency/                 consistency distillation of the teacher (model/: the consistency model), and its
+                               semantic/ and latent/ when config.consistency.semantic
   samples/                     the teacher's and each student's samples side by side; the sample mode's output
   evaluate/                    FID/KID/IS rounds and tables
   analyze/                     the fitting-error analysis
@@ -114,7 +115,12 @@ class RunLayout:
     return teacher + [path for _, path in self.finished_stages()] + consistency
 
 
-def predictor_exports(stage_dir):
-  """(semantic export, latent export) of a distillation stage's folder: its predictor and the latent model of its
-  codes, which load() brings along with the stage's student."""
-  return export_of(os.path.join(stage_dir, SEMANTIC)), export_of(os.path.join(stage_dir, LATENT))
+def predictor_dirs(student_dir):
+  """(semantic phase folder, latent phase folder) of a student's phase folder (a stage's, the consistency model's)."""
+  return os.path.join(student_dir, SEMANTIC), os.path.join(student_dir, LATENT)
+
+
+def predictor_exports(student_dir):
+  """(semantic export, latent export) of a student's phase folder: its predictor and the latent model of its codes,
+  which load() brings along with the student."""
+  return tuple(export_of(d) for d in predictor_dirs(student_dir))

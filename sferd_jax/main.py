@@ -26,8 +26,8 @@ from sferd_jax import config as config_lib
 from sferd_jax import errors
 
 # Modes that run one phase of the pipeline (pipeline.run_phase), by the phase's name.
-PHASE_MODES = {'train_teacher': 'teacher', 'distill': 'distill', 'semantic': 'semantic', 'latent': 'latent',
-               'evaluate': 'evaluate'}
+PHASE_MODES = {'train_teacher': 'teacher', 'distill': 'distill', 'consistency': 'consistency', 'semantic': 'semantic',
+               'latent': 'latent', 'evaluate': 'evaluate'}
 MODES = ('pipeline', *PHASE_MODES, 'sample', 'analyze', 'study')
 
 _CONFIG = config_flags.DEFINE_config_file(

@@ -48,16 +48,17 @@ def run_phase(config, workdir, name, *, mesh=None, on_job_done=None):
   infos = phases.run(config, workdir, name, mesh=mesh, on_job_done=on_job_done)
   if name == 'distill':
     write_stage_table(layout.RunLayout(workdir), infos)
+  if name in ('distill', 'consistency'):
     write_comparison(config, workdir)
 
 
 def _check(config, workdir, name, mesh, *, before=()):
-  """What can be checked before a phase does any work: its batch splits over the devices, and distill's teacher
-  exists (unless a phase before it in this run trains it)."""
+  """What can be checked before a phase does any work: its batch splits over the devices, and the teacher distill
+  or consistency distils exists (unless a phase before it in this run trains it)."""
   if name in phases.PHASES:
     sharding.check_batch_size(config[name].batch_size, mesh, what=f'config.{name}.batch_size')
-  if name == 'distill' and 'teacher' not in before:
-    phases.check_teacher(config, workdir)
+  if name in ('distill', 'consistency') and 'teacher' not in before:
+    phases.check_teacher(config, workdir, name)
 
 
 def write_stage_table(run, infos):
@@ -78,7 +79,8 @@ def _write_stage_table(run, infos):
 
 
 def write_comparison(config, workdir, *, student_steps=(4, 2, 1), num_samples=8):
-  """samples/comparison.png: the teacher (top row) and the students of `student_steps` from the same noise.
+  """samples/comparison.png: the teacher (top row), the students of `student_steps` and the consistency model (at its
+  own step count), from the same noise.
 
   Process 0 alone loads, samples and writes (a load onto one process's devices involves that process only).
   """
@@ -92,6 +94,7 @@ def _write_comparison(config, workdir, student_steps, num_samples):
   for stage in range(1, config_lib.num_stages(config) + 1):
     if config.distill.start_num_steps // 2**stage in student_steps:
       candidates.append((f'stage_{stage}', run.stage_model(stage)))
+  candidates.append(('consistency', run.consistency_model))
   models = [(name, exports.load(path)) for name, path in candidates if layout.is_exported(path)]
   if not models:
     return

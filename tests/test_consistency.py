@@ -221,20 +221,32 @@ def test_guided_cd_killed_and_resumed_equals_uninterrupted_then_samples_and_eval
   np.testing.assert_array_equal(one, b.sample(jax.random.key(1), num_samples=4, num_steps=1, sampler='ddim'))
   assert not np.array_equal(b.sample(jax.random.key(1), num_samples=4),
                             b.sample(jax.random.key(1), num_samples=4, sampler='ddim'))
-  # The evaluation scores it like a student, with its own sampler.
+  # SFERD on CD: a semantic predictor and its latent model on the consistency model, trained with the same
+  # (guided) teacher, then loaded with it and sampled with its own sampler.
+  predictor_config = _cd_config(os.path.join(workdir, 'teacher'), **{
+      'phases': ('semantic', 'latent'), 'consistency.semantic': True, 'sferd.semantic.stages': (),
+      'sferd.attention_guidance.enabled': True})
+  pipeline.run_pipeline(predictor_config, resumed)
+  c = exports.load(resumed)
+  assert c.path == b.path and c.has_semantic
+  assert exports.read_info(os.path.join(resumed, 'consistency', 'semantic', 'model'))['name'] == 'consistency_semantic'
+  shifted = c.sample(jax.random.key(1), num_samples=4, semantic=True)
+  assert shifted.shape == (4, 8, 8, 1) and not np.array_equal(shifted, c.sample(jax.random.key(1), num_samples=4))
+  # The evaluation scores it like a student, with its own sampler, with and without its predictor.
   eval_config = tiny.load_config(**{'phases': ('evaluate',), 'evaluate.models': ('consistency',),
                                     'evaluate.num_samples': 16, 'evaluate.round_size': 16,
                                     'evaluate.kid_subsets': 4, 'evaluate.kid_subset_size': 8,
-                                    'evaluate.classifier_steps': 5})
+                                    'evaluate.classifier_steps': 5, 'evaluate.semantic': (False, True)})
   pipeline.run_pipeline(eval_config, resumed)
   with open(os.path.join(resumed, 'evaluate', evaluate.RESULTS_JSON)) as f:
-    [row] = json.load(f)
-  assert row['model'] == 'consistency' and row['sampler'] == 'consistency' and row['num_steps'] == 2
-  assert np.isfinite(row['fid'])
+    rows = json.load(f)
+  assert [(r['model'], r['semantic'], r['sampler'], r['num_steps']) for r in rows] == [
+      ('consistency', False, 'consistency', 2), ('consistency', True, 'consistency', 2)]
+  assert all(np.isfinite(r['fid']) for r in rows)
 
 
 def test_a_missing_teacher_or_a_bad_setting_is_a_clear_error(tmp_path):
-  with pytest.raises(errors.CheckpointError, match='consistency distillation needs its teacher'):
+  with pytest.raises(errors.CheckpointError, match='no teacher to distil .* config.consistency.teacher'):
     pipeline.run_pipeline(_cd_config(str(tmp_path / 'nowhere')), str(tmp_path / 'run'))
   for key, value, message in (('consistency.solver', 'euler', 'consistency.solver'),
                               ('consistency.loss', 'lpips', 'consistency.loss'),

@@ -105,14 +105,16 @@ def test_a_stage_teacher_is_found_by_stage_in_a_moved_workdir(tiny_run, tmp_path
   config = tiny.load_config()
   student = exports.load(_stage(moved))
   assert student.config.teacher.startswith(workdir)  # the recorded path is the old one
-  params = phases.load_stage_teacher(config, moved, 2, student)
+  teacher_of = lambda config, stage, student: phases.load_teacher_of(
+      phases.stage_teacher_path(config, moved, stage), student, what=f'distillation stage {stage}')
+  params = teacher_of(config, 2, student)
   assert exports.fingerprint(params) == student.config.teacher_fingerprint
   stage1 = exports.load(os.path.join(moved, 'distill', 'stage_1'))
   with pytest.raises(errors.CheckpointError, match='teacher of distillation stage 1 is missing'):
-    phases.load_stage_teacher(config, moved, 1, stage1)  # the teacher phase's export was not copied
+    teacher_of(config, 1, stage1)  # the teacher phase's export was not copied
   wrong = tiny.load_config(**{'distill.teacher': _stage(moved) + '/model'})
-  with pytest.raises(errors.CheckpointError, match='is not the model stage 1 was distilled from'):
-    phases.load_stage_teacher(wrong, moved, 1, stage1)
+  with pytest.raises(errors.CheckpointError, match='is not the model distillation stage 1 was distilled from'):
+    teacher_of(wrong, 1, stage1)
 
 
 def test_latent_model_and_statistics_restore(tiny_run):

@@ -500,11 +500,21 @@ def _resolve(path, workdir):
   return exports.resolve_model_path(exports.in_workdir(path, workdir))
 
 
-def model_paths(config, workdir):
-  """The exported models to score: config.evaluate.models, or the teacher and every finished stage."""
+def model_entry(entry):
+  """A config.evaluate.models entry -> (path, its step count or None): 'consistency@2' scores that model at 2 steps
+  (a consistency model has no one step count; a teacher may be scored at several)."""
+  path, at, steps = str(entry).rpartition('@') if '@' in str(entry) else (str(entry), '', '')
+  if at and not (steps.isdigit() and int(steps) >= 1):
+    raise errors.ConfigError(f'config.evaluate.models: {entry!r}: a model is <path> or <path>@<steps>, steps >= 1')
+  return path, int(steps) if at else None
+
+
+def scored_models(config, workdir):
+  """The exported models to score, each with the step count it names (or None): config.evaluate.models, or the
+  teacher, every finished stage and the consistency model."""
   if config.evaluate.models:
-    return [_resolve(p, workdir) for p in config.evaluate.models]
-  found = layout.RunLayout(files.absolute(workdir)).finished_models()
+    return [(_resolve(path, workdir), steps) for path, steps in map(model_entry, config.evaluate.models)]
+  found = [(path, None) for path in layout.RunLayout(files.absolute(workdir)).finished_models()]
   if not found:
     raise errors.CheckpointError(
         f'nothing to evaluate in {files.absolute(workdir)}: no exported teacher/model or distill/stage_<k>/model. '
@@ -513,14 +523,15 @@ def model_paths(config, workdir):
   return found
 
 
-def model_variants(config, workdir, path, model):
-  """The variants of one loaded model: guidance x semantic x sample seed.
+def model_variants(config, workdir, path, model, *, num_steps=None):
+  """The variants of one loaded model: guidance x semantic x sample seed, at num_steps (None: config.evaluate's, else
+  the model's own).
 
   Semantic variants only where the model has a predictor, and never together with guidance (sample() supports
   one or the other).
   """
   cfg = config.evaluate
-  num_steps = int(cfg.num_steps or model.config.num_steps)
+  num_steps = int(num_steps or cfg.num_steps or model.config.num_steps)
   stage = int(model.config.get('stage', 0) or 0)
   has_semantic = getattr(model, 'has_semantic', False)
   out = []
@@ -814,7 +825,7 @@ def _evaluate(config, workdir, directory):
   cfg = config.evaluate
   if cfg.num_samples < 2 or cfg.round_size < 1:
     raise errors.ConfigError('config.evaluate: num_samples must be >= 2 and round_size >= 1')
-  paths = model_paths(config, workdir)  # Fails before any training of a classifier when there is no model.
+  entries = scored_models(config, workdir)  # Fails before any training of a classifier when there is no model.
   feature_fn = feature_fn_for(config, workdir)
   extractor = feature_fn.extractor
   logging.info('evaluate: features from %s', describe_extractor(extractor))
@@ -834,10 +845,10 @@ def _evaluate(config, workdir, directory):
   logging.info('evaluate: held-out real images are at a mean NN distance of %s from the reference (training) images',
                _fmt(nn_dist_real, '.4g'))
   rows = []
-  for m, path in enumerate(paths):
+  for m, (path, num_steps) in enumerate(entries):
     model = exports.load(path)
-    for variant in model_variants(config, workdir, path, model):
-      prefix = f'evaluate [model {m + 1}/{len(paths)}] {variant.name}: '
+    for variant in model_variants(config, workdir, path, model, num_steps=num_steps):
+      prefix = f'evaluate [model {m + 1}/{len(entries)}] {variant.name}: '
       variant_dir = os.path.join(directory, variant.name)
       check_meta(variant_dir, variant_meta(config, variant, model))
       start = time.time()

@@ -46,13 +46,15 @@ def reconstruction_sampler(config, student, batch, *, num_images=8):
   def run(semantic_params, student_params):
     z_sem = encoder.apply({'params': semantic_params['encoder']}, x0)
     denoise = semantic_predictor.shifted_denoise_fn(
-        student=unet.make_unet(config.model), student_params=student_params, output_type=config.model.output_type,
+        student=unet.make_unet(config.model), student_params=student_params,
+        output_type=student.config.model.output_type,
         predictor=predictor, predictor_params=semantic_params['predictor'], z_sem=z_sem,
         gradient_param=gradient_param, labels=labels, num_steps=student.config.num_steps,
         stop_fraction=semantic_predictor.setting(config.sferd.semantic, 'stop_fraction'),
         logsnr_fn=lambda t: schedules.cosine_logsnr(t, **diffusion_config))
     return samplers.sample_loop(denoise_fn=denoise, z_init=z, num_steps=student.config.num_steps,
-                                rng=jax.random.key(config.seed), **diffusion_config)
+                                rng=jax.random.key(config.seed),
+                                sampler=sampling.resolve_sampler(student.config.model, 'auto'), **diffusion_config)
 
   return lambda params: np.concatenate([images_lib.to_uint8(x0), images_lib.to_uint8(run(params, student_params))])
 
@@ -65,7 +67,7 @@ def semantic_sampler(config, student, semantic_params, stats):
         config=ml_collections.ConfigDict({'semantic': config.sferd.semantic.to_dict(),
                                           'latent': config.sferd.latent.to_dict(),
                                           'latent_num_classes': int(config.model.num_classes)}))
-    return sampling.sample(student.params, jax.random.key(config.seed), model_config=config.model,
+    return sampling.sample(student.params, jax.random.key(config.seed), model_config=student.config.model,
                            num_samples=GRID_SAMPLES, num_steps=student.config.num_steps,
                            diffusion_config=config.diffusion.to_dict(), semantic=predictor)
   return sample_fn

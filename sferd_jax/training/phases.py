@@ -35,9 +35,10 @@ from sferd_jax.training import steps as steps_lib
 
 # Training keys that do not change what a phase computes: a resume may change them. (steps_per_call only groups
 # the same steps into calls; distill's stage keys are covered by student_steps and the teacher fingerprint, and
-# consistency's teacher and init by their fingerprints; its num_steps is only what its export samples with.)
+# consistency's teacher and init by their fingerprints; its num_steps is only what its export samples with, and its
+# semantic says whether later phases train a predictor on it.)
 RESUMABLE_KEYS = ('log_every', 'checkpoint_every', 'keep_checkpoints', 'sample_every', 'steps_per_call', 'teacher',
-                  'start_num_steps', 'end_num_steps', 'init', 'num_steps')
+                  'start_num_steps', 'end_num_steps', 'init', 'num_steps', 'semantic')
 # The config key of each top-level key of a phase's resume record (loop.Phase.config_keys); 'training' and 'loss'
 # are the phase's own section. Fingerprints of earlier exports (teacher, student, encoder) are not settings.
 META_CONFIG_KEYS = {'model': 'model', 'diffusion': 'diffusion', 'data': 'data', 'seed': 'seed',
@@ -74,6 +75,8 @@ class Inputs:
   extra_args: tuple = ()       # the step's replicated arguments after rng
   sample_fn: Optional[Callable[[Any], np.ndarray]] = None   # params -> uint8 images, for grids
   extra_trees: dict = dataclasses.field(default_factory=dict)  # exported beside 'params'
+  step: Optional[Callable] = None  # the job's own step, when it differs from the phase's (a predictor of a
+                                   # consistency model applies its student with that model's output type)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +119,7 @@ def planned_jobs(config, name):
     return config_lib.num_stages(config)
   if name == 'consistency':
     return 1
-  return len(config_lib.semantic_stages(config))
+  return len(predictor_students(config, layout.RunLayout('')))
 
 
 def train_and_export(spec, job, *, config, mesh):
@@ -128,7 +131,7 @@ def train_and_export(spec, job, *, config, mesh):
     logging.info('%s: finished and exported at %s; skipping', job.name, export)
     return exports.read_info(export)
   inputs = job.prepare()
-  phase = loop.Phase(name=job.name, directory=job.directory, train_config=spec.train_config, step=spec.step,
+  phase = loop.Phase(name=job.name, directory=job.directory, train_config=spec.train_config, step=inputs.step or spec.step,
                      init_state=spec.init, init_args=inputs.init_args, extra_args=inputs.extra_args,
                      meta=dict(spec.meta, **inputs.meta), sample_fn=inputs.sample_fn,
                      config_keys=dict(META_CONFIG_KEYS, training=spec.name, loss=f'{spec.name}.loss'),
@@ -249,39 +252,64 @@ def stage_teacher_path(config, workdir, stage):
   return teacher_path(config, workdir) if stage == 1 else layout.RunLayout(workdir).stage_model(stage - 1)
 
 
-def check_teacher(config, workdir):
-  """Fails before any work when the teacher to distil is missing or has another architecture."""
-  path = teacher_path(config, workdir)
+def check_teacher(config, workdir, phase='distill'):
+  """Fails before any work when the teacher `phase` (distill or consistency) distils is missing or has another
+  architecture."""
+  path = consistency_teacher_path(config, workdir) if phase == 'consistency' else teacher_path(config, workdir)
   if not layout.is_exported(path):
     raise errors.CheckpointError(
         f'no teacher to distil at {path}. Train one first (--mode=train_teacher, or put "teacher" in '
-        f'config.phases), or point config.distill.teacher at an exported model folder.')
+        f'config.phases), or point config.{phase}.teacher at an exported model folder.')
   check_architecture(path, config)
   return path
 
 
-def finished_stage(run, stage, what):
-  """The export of distillation stage `stage`, which `what` needs finished."""
-  path = run.stage_model(stage)
+def load_teacher_of(path, student, *, what, sharding=None):
+  """The params of the model at `path` that `student` (a Model) was distilled from, checked against the fingerprint
+  its export recorded. what: the student, for errors ('distillation stage 3', 'the consistency model')."""
   if not layout.is_exported(path):
-    raise errors.CheckpointError(f'{what} needs the finished distillation stage {stage} at {path}; run the '
-                                 f'distill phase first (it comes before {what} in config.phases).')
-  return path
-
-
-def load_stage_teacher(config, workdir, stage, student, *, sharding=None):
-  """The params of the model stage `stage`'s student was distilled from, checked against its recorded fingerprint."""
-  path = stage_teacher_path(config, workdir, stage)
-  if not layout.is_exported(path):
-    raise errors.CheckpointError(f'the teacher of distillation stage {stage} is missing at {path}; it is needed to '
-                                 f'train that stage\'s semantic predictor. Restore it, or rerun the distill phase.')
+    raise errors.CheckpointError(f'the teacher of {what} is missing at {path}; it is needed to train its semantic '
+                                 f'predictor. Restore it, or rerun the phase that distilled {what}.')
   params = exports.load(path, sharding=sharding).params
   expected, found = student.config.get('teacher_fingerprint'), exports.fingerprint(params)
   if expected and found != expected:
     raise errors.CheckpointError(
-        f'{path} is not the model stage {stage} was distilled from (fingerprint {found}, expected {expected}). '
-        f'Restore that model there, or rerun the distill phase in a new --workdir.')
+        f'{path} is not the model {what} was distilled from (fingerprint {found}, expected {expected}). Restore '
+        f'that model there, or rerun the phase that distilled {what} in a new --workdir.')
   return params
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictorStudent:
+  """A frozen student that gets a semantic gradient predictor (semantic phase) and a latent model (latent phase)."""
+  what: str                    # for logs and errors: 'distillation stage 3', 'the consistency model'
+  name: str                    # its exports' names: 'stage_3' -> 'stage_3_semantic'
+  directory: str               # its phase folder, which holds semantic/ and latent/
+  key: int                     # folded into the predictor's and latent model's noise keys: the stage, 0 for CD
+  stage: Optional[int]         # its distillation stage; None for the consistency model
+  teacher: str                 # the export it was distilled from
+
+
+def predictor_students(config, run):
+  """The students of config that get a predictor: each stage of semantic_stages, then the consistency model when
+  config.consistency.semantic (the same target and teacher, SFERD.md §4, on its own sampling levels)."""
+  students = [PredictorStudent(what=f'distillation stage {stage}', name=f'stage_{stage}', directory=run.stage_dir(stage),
+                               key=stage, stage=stage, teacher=stage_teacher_path(config, run.workdir, stage))
+              for stage in config_lib.semantic_stages(config)]
+  if config.consistency.semantic:
+    students.append(PredictorStudent(what='the consistency model', name='consistency', directory=run.consistency_dir,
+                                     key=0, stage=None, teacher=consistency_teacher_path(config, run.workdir)))
+  return students
+
+
+def finished_student(student, what):
+  """The export of a PredictorStudent, which `what` needs finished."""
+  path = layout.export_of(student.directory)
+  if not layout.is_exported(path):
+    phase = 'consistency' if student.stage is None else 'distill'
+    raise errors.CheckpointError(f'{what} needs the finished {student.what} at {path}; run the {phase} phase first '
+                                 f'(it comes before {what} in config.phases).')
+  return path
 
 
 def _once(fn):
@@ -411,11 +439,7 @@ def consistency_jobs(config, run, spec, mesh):
 
   def prepare():
     replicated = sharding.replicated(mesh)  # the teacher enters the steps
-    teacher = consistency_teacher_path(config, run.workdir)
-    if not layout.is_exported(teacher):
-      raise errors.CheckpointError(f'consistency distillation needs its teacher at {teacher}; train it first (the '
-                                   f'teacher phase) or set config.consistency.teacher to an exported model.')
-    check_architecture(teacher, config)
+    teacher = check_teacher(config, run.workdir, 'consistency')
     check_provenance(config, teacher, 'consistency distillation')
     teacher_params = exports.load(teacher, sharding=replicated).params
     init = _export_in(config.consistency.init, run.workdir) if config.consistency.init else teacher
@@ -435,7 +459,7 @@ def consistency_jobs(config, run, spec, mesh):
   yield Job(f'consistency distillation ({num_steps}-step sampler)', run.consistency_dir, prepare)
 
 
-# The semantic gradient predictor: E_phi and G_tau on the frozen student of each stage of semantic_stages.
+# The semantic gradient predictor: E_phi and G_tau on each frozen student of predictor_students().
 
 
 def semantic_spec(config):
@@ -444,11 +468,7 @@ def semantic_spec(config):
   train_config = config.semantic
   tx, schedule, create = _optimizer(train_config)
   encoder, predictor = semantic_lib.make_semantic_models(config.model, config.sferd.semantic)
-  step = steps_lib.make_semantic_step(
-      student=unet.make_unet(config.model), encoder=encoder, predictor=predictor, model_config=config.model,
-      semantic_config=config.sferd.semantic, diffusion_config=config.diffusion.to_dict(), train_config=train_config,
-      tx=tx, schedule=schedule,
-      teacher_fn=guided_teacher.denoise_factory(config.model, config.sferd.attention_guidance))
+  step = semantic_step(config, config.model.output_type)
 
   def init(rng, student_params):
     params = semantic_lib.init_semantic_params(encoder, predictor, rng, model_config=config.model)
@@ -463,28 +483,41 @@ def semantic_spec(config):
                              training=training_meta(train_config)))
 
 
+def semantic_step(config, output_type):
+  """The semantic phase's step for a student of `output_type` (a stage's, or a consistency model's)."""
+  encoder, predictor = semantic_lib.make_semantic_models(config.model, config.sferd.semantic)
+  tx, schedule, _ = _optimizer(config.semantic)
+  return steps_lib.make_semantic_step(
+      student=unet.make_unet(config.model), encoder=encoder, predictor=predictor, model_config=config.model,
+      output_type=output_type, semantic_config=config.sferd.semantic, diffusion_config=config.diffusion.to_dict(),
+      train_config=config.semantic, tx=tx, schedule=schedule,
+      teacher_fn=guided_teacher.denoise_factory(config.model, config.sferd.attention_guidance))
+
+
 def semantic_jobs(config, run, spec, mesh):
-  """Exports distill/stage_<k>/semantic/model ({'params': {'encoder', 'predictor'}})."""
+  """Exports <student>/semantic/model ({'params': {'encoder', 'predictor'}}) of each predictor_students()."""
   batches = _once(lambda: make_batches(config, spec))
   replicated = sharding.replicated(mesh)  # the student and teacher enter the steps
-  for stage in config_lib.semantic_stages(config):
+  for student in predictor_students(config, run):
 
-    def prepare(stage=stage):
-      student_path = finished_stage(run, stage, 'the semantic phase')
-      check_provenance(config, student_path, f'the semantic predictor of stage {stage}')
-      student = exports.load(student_path, sharding=replicated)
-      teacher_params = load_stage_teacher(config, run.workdir, stage, student, sharding=replicated)
-      num_steps = student.config.num_steps
-      rng = jax.random.fold_in(jax.random.key(spec.seed), stage)
-      return Inputs(batches=batches(), rng=rng, meta=dict(student=exports.fingerprint(student.params)),
-                    init_args=(rng, student.params),
-                    extra_args=(student.params, teacher_params, jnp.int32(num_steps)),
-                    sample_fn=grids.reconstruction_sampler(config, student, batches().get(0)),
-                    info=dict(name=f'stage_{stage}_semantic', phase='semantic', stage=stage, num_steps=num_steps,
-                              semantic=semantic_settings(config), student=student_path, data=data_record(config)))
+    def prepare(student=student):
+      student_path = finished_student(student, 'the semantic phase')
+      check_provenance(config, student_path, f'the semantic predictor of {student.what}')
+      model = exports.load(student_path, sharding=replicated)
+      teacher_params = load_teacher_of(student.teacher, model, what=student.what, sharding=replicated)
+      num_steps = model.config.num_steps
+      rng = jax.random.fold_in(jax.random.key(spec.seed), student.key)
+      output_type = model.config.model.output_type
+      return Inputs(batches=batches(), rng=rng, meta=dict(student=exports.fingerprint(model.params)),
+                    init_args=(rng, model.params),
+                    extra_args=(model.params, teacher_params, jnp.int32(num_steps)),
+                    sample_fn=grids.reconstruction_sampler(config, model, batches().get(0)),
+                    step=None if output_type == config.model.output_type else semantic_step(config, output_type),
+                    info=dict(name=f'{student.name}_semantic', phase='semantic', stage=student.stage,
+                              num_steps=num_steps, semantic=semantic_settings(config), student=student_path,
+                              data=data_record(config)))
 
-    student_steps = config.distill.start_num_steps // 2**stage
-    yield Job(f'semantic stage {stage} ({student_steps}-step student)', run.semantic_dir(stage), prepare)
+    yield Job(f'semantic predictor of {student.what}', layout.predictor_dirs(student.directory)[0], prepare)
 
 
 # The latent diffusion over each semantic stage's normalised codes.
@@ -507,19 +540,19 @@ def latent_spec(config):
 
 
 def latent_jobs(config, run, spec, mesh):
-  """Exports distill/stage_<k>/latent/model: its params and the code statistics ({'params', 'stats': {'mean',
+  """Exports <student>/latent/model of each predictor_students(): its params and the code statistics ({'params', 'stats': {'mean',
   'std'}}); model.json records its num_classes."""
   del mesh  # its data are codes computed here, on this process
   encoder, _ = semantic_lib.make_semantic_models(config.model, config.sferd.semantic)
   num_classes = int(config.model.num_classes)
-  for stage in config_lib.semantic_stages(config):
+  for student in predictor_students(config, run):
 
-    def prepare(stage=stage):
-      semantic_path = run.semantic_model(stage)
+    def prepare(student=student):
+      semantic_path = layout.predictor_exports(student.directory)[0]
       if not layout.is_exported(semantic_path):
-        raise errors.CheckpointError(f'the latent phase needs the semantic predictor of stage {stage} at '
+        raise errors.CheckpointError(f'the latent phase needs the semantic predictor of {student.what} at '
                                      f'{semantic_path}; run the semantic phase first.')
-      check_provenance(config, semantic_path, f'the latent model of stage {stage}')
+      check_provenance(config, semantic_path, f'the latent model of {student.what}')
       semantic_params = exports.load_semantic_params(semantic_path, config.model, config.sferd.semantic)
       source = data_lib.load_source(data_lib.data_config(config))
       encode = jax.jit(lambda params, x: encoder.apply({'params': params}, x))
@@ -529,19 +562,19 @@ def latent_jobs(config, run, spec, mesh):
         raise errors.DataError(f'the dataset\'s labels span [{labels.min()}, {labels.max()}], outside the model\'s '
                                f'{num_classes} classes (config.model.num_classes)')
       stats = latent_lib.latent_statistics(codes)  # over all codes, whatever their class
-      rng = jax.random.fold_in(jax.random.key(spec.seed), stage)
-      student = exports.load(finished_stage(run, stage, 'the latent phase'))
+      rng = jax.random.fold_in(jax.random.key(spec.seed), student.key)
+      model = exports.load(finished_student(student, 'the latent phase'))
       return Inputs(
           batches=codes_lib.CodeBatches(np.asarray(latent_lib.normalize(codes, stats)), labels=labels,
                                         global_batch_size=spec.train_config.batch_size, seed=spec.seed),
           rng=rng, init_args=(rng,), meta=dict(encoder=exports.fingerprint(semantic_params['encoder'])),
-          sample_fn=grids.semantic_sampler(config, student, semantic_params, stats),
+          sample_fn=grids.semantic_sampler(config, model, semantic_params, stats),
           extra_trees={'stats': {'mean': np.asarray(stats.mean), 'std': np.asarray(stats.std)}},  # NumPy: written
-          info=dict(name=f'stage_{stage}_latent', phase='latent', stage=stage,         # once, not per process
+          info=dict(name=f'{student.name}_latent', phase='latent', stage=student.stage,  # once, not per process
                     latent=config.sferd.latent.to_dict(), latent_dim=config.sferd.semantic.latent_dim,
                     num_classes=num_classes, num_codes=len(codes), data=data_record(config)))
 
-    yield Job(f'latent stage {stage}', run.latent_dir(stage), prepare)
+    yield Job(f'latent model of {student.what}', layout.predictor_dirs(student.directory)[1], prepare)
 
 
 # name -> (spec builder, jobs). The order of config.PHASES is the order they run in; 'evaluate' is not trained.

@@ -174,13 +174,15 @@ def make_consistency_step(*, model, output_type, model_config, diffusion_config,
 
 
 def make_semantic_step(*, student, encoder, predictor, model_config, semantic_config, diffusion_config, train_config,
-                       tx, schedule, teacher_fn):
+                       tx, schedule, teacher_fn, output_type=None):
   """Trains E_phi and G_tau (state.params = {'encoder', 'predictor'}) on a frozen student of a finished stage.
 
   step(state, batch, rng, student_params, teacher_params, num_student_steps): at the student's noise levels, the
   shifted student's prediction x + (sigma^2 / alpha) g regresses semantic_config.target (sferd/semantic_predictor.py:
   the guided teacher on re-noised data by default). Metrics add the plain student's loss and the code sensitivity.
+  output_type: the student's (a consistency model's 'consistency_<head>'); None = model_config's.
   """
+  output_type = output_type or model_config.output_type
   logsnr_fn = lambda t: schedules.cosine_logsnr(t, **diffusion_config)
   target_kind = semantic_predictor.setting(semantic_config, 'target')
   gradient_param = semantic_predictor.setting(semantic_config, 'gradient_param')
@@ -193,7 +195,7 @@ def make_semantic_step(*, student, encoder, predictor, model_config, semantic_co
         target_kind, teacher=teacher, x0=n.x, eps=n.eps, z=n.z, i=n.i, num_steps=num_student_steps,
         logsnr_fn=logsnr_fn))
     loss_fn = functools.partial(semantic_predictor.model_semantic_loss, encoder=encoder, predictor=predictor,
-                                student=student, output_type=model_config.output_type, x0=n.x, z=n.z,
+                                student=student, output_type=output_type, x0=n.x, z=n.z,
                                 logsnr=n.logsnr, target=target, gradient_param=gradient_param, labels=n.labels,
                                 loss_type=train_config.loss, train=True, dropout_rng=n.dropout_rng)
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, student_params)
