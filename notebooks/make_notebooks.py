@@ -158,8 +158,9 @@ shown = [s for s in students if s.config.num_steps in (4, 2, 1)] or students[-3:
 
 COMPARE_MD = r"""## Teacher vs students, from the same noise
 
-Every row starts from the same noise (`sample` draws sample i's noise from the key and i only). The last row is
-the teacher itself at one step: what distillation buys.
+Every row starts from the same noise (`sample` draws sample i's noise from the key and i only). The consistency
+model, when the run has one, samples with its own sampler (fresh noise at each step). The last row is the teacher
+itself at one step: what distillation buys.
 """
 
 COMPARE = r"""NUM = 8
@@ -188,6 +189,9 @@ def show(rows, title):
 teacher_images = teacher.sample(rng, num_samples=NUM)
 rows = [(f'teacher, {steps(teacher.config.num_steps)}', teacher_images)]
 rows += [(f'{s.config.name} student, {steps(s.config.num_steps)}', s.sample(rng, num_samples=NUM)) for s in shown]
+if layout.is_exported(run.consistency_model):  # consistency distillation of the same teacher (config.phases)
+  cd = sferd_jax.load(run.consistency_model)
+  rows += [(f'consistency model, {steps(n)}', cd.sample(rng, num_samples=NUM, num_steps=n)) for n in (2, 1)]
 rows.append(('teacher, 1 step', teacher.sample(rng, num_samples=NUM, num_steps=1)))
 FIGURES['teacher_vs_students'] = show(rows, 'same noise, fewer steps')
 """

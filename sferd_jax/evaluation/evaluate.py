@@ -93,7 +93,7 @@ class Variant:
   """One row of the results: a model sampled with one setting."""
   model: str          # label: the export's folder relative to the workdir ('teacher', 'distill/stage_2')
   path: str           # the exported model folder
-  stage: int          # 0 = the teacher (or any model that is no distillation stage)
+  stage: int          # 0 = no distillation stage (the teacher, a consistency model): '-' in the table
   num_steps: int
   guidance: bool
   semantic: bool
@@ -744,7 +744,7 @@ def results_table(rows):
     kid = '-' if r['kid_mean'] is None else f"{r['kid_mean']:.5g} ± {r['kid_std']:.2g}"
     is_ = '-' if r['is_mean'] is None else f"{r['is_mean']:.3f} ± {r['is_std']:.3f}"
     kind = 'classifier' if r['extractor'].startswith(classifier_lib.EXTRACTOR_PREFIX) else 'inception'
-    lines.append(f"| {r['model']} | {r['stage'] or 'teacher'} | {r['num_steps']} | {'on' if r['guidance'] else 'off'} "
+    lines.append(f"| {r['model']} | {r['stage'] or '-'} | {r['num_steps']} | {'on' if r['guidance'] else 'off'} "
                  f"| {'on' if r['semantic'] else 'off'} | {_fmt(r.get('sample_seed'), 'd')} | {r['num_samples']} | "
                  f"{_fmt(r['fid'], '.3f')} | {kid} | {is_} | {nn} | {_fmt(r.get('code_sensitivity'), '.4g')} | "
                  f"{_fmt(r.get('shift_rms'), '.4g')} | {kind} |")
