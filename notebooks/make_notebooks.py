@@ -1,14 +1,19 @@
-r"""Writes notebooks/sferd_quickstart.ipynb (nbformat 4.5, no outputs) from the cells below.
+r"""Writes notebooks/sferd_quickstart.ipynb (nbformat 4.5) from the cells below.
 
-  python notebooks/make_notebooks.py
+  python notebooks/make_notebooks.py             # the cells; a cell whose code is unchanged keeps its outputs
+  python notebooks/make_notebooks.py --execute   # then runs it top to bottom in a Jupyter kernel and saves the
+                                                 # outputs (the real quickstart; needs `pip install nbclient ipykernel`)
 
-Edit the cells here, not the .ipynb: tests/test_notebooks.py checks the two agree and runs every code cell on the
-tiny config. Code cells must run top to bottom in one namespace, on a CPU, on any config in configs/.
+Edit the cells here, not the .ipynb: tests/test_notebooks.py checks the two agree (outputs aside) and runs every code
+cell on the tiny config. Code cells must run top to bottom in one namespace, on a CPU, on any config in configs/.
 """
 
+import datetime
 import json
 import os
+import platform
 import sys
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 QUICKSTART = os.path.join(HERE, 'sferd_quickstart.ipynb')
@@ -310,9 +315,63 @@ def render(notebook):
   return json.dumps(notebook, indent=1, ensure_ascii=False) + '\n'
 
 
+def without_outputs(notebook):
+  """The notebook as the generator writes it: no outputs, no execution counts, no record of a run."""
+  notebook = json.loads(json.dumps(notebook))
+  notebook['metadata'].pop(EXECUTED, None)
+  for c in notebook['cells']:
+    if c['cell_type'] == 'code':
+      c.update(execution_count=None, outputs=[])
+  return notebook
+
+
+EXECUTED = 'sferd_executed'  # notebook metadata: when, where and how long the saved outputs took
+
+
+def with_kept_outputs(notebook, previous):
+  """`notebook` with the outputs of `previous` where every code cell is unchanged (same id and code); otherwise
+  none at all, so the saved outputs are always those of one run of exactly these cells."""
+  old = {c['id']: c for c in previous['cells'] if c['cell_type'] == 'code'}
+  new = [c for c in notebook['cells'] if c['cell_type'] == 'code']
+  if EXECUTED not in previous['metadata'] or [c['id'] for c in new] != list(old) or any(
+      c['source'] != old[c['id']]['source'] for c in new):
+    return notebook
+  notebook = json.loads(json.dumps(notebook))
+  for c in notebook['cells']:
+    if c['cell_type'] == 'code':
+      c.update(execution_count=old[c['id']]['execution_count'], outputs=old[c['id']]['outputs'])
+  notebook['metadata'][EXECUTED] = previous['metadata'][EXECUTED]
+  return notebook
+
+
+def execute(notebook):
+  """Runs every cell in order in a python3 Jupyter kernel started in the checkout (so the training cell trains
+  runs/notebook_quickstart there) and returns the notebook with its outputs and a record of the run."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import nbclient  # pylint: disable=g-import-not-at-top
+  import nbformat  # pylint: disable=g-import-not-at-top
+  node = nbformat.reads(json.dumps(notebook), as_version=4)
+  start = time.time()
+  nbclient.NotebookClient(node, timeout=None, kernel_name='python3',
+                          resources={'metadata': {'path': os.path.dirname(HERE)}}).execute()
+  executed = json.loads(nbformat.writes(node))
+  executed['metadata'] = dict(notebook['metadata'], **{EXECUTED: dict(
+      date=datetime.date.today().isoformat(), seconds=round(time.time() - start),
+      machine=f'{platform.machine()}, {os.cpu_count()} cores, JAX {jax.__version__} ({jax.default_backend()})')})
+  for c in executed['cells']:  # nbformat adds per-cell execution timestamps; keep the file stable
+    c['metadata'].pop('execution', None)
+  return executed
+
+
 def main():
+  notebook = quickstart()
+  if '--execute' in sys.argv[1:]:
+    notebook = execute(notebook)
+  elif os.path.exists(QUICKSTART):
+    with open(QUICKSTART, encoding='utf-8') as f:
+      notebook = with_kept_outputs(notebook, json.load(f))
   with open(QUICKSTART, 'w', encoding='utf-8') as f:
-    f.write(render(quickstart()))
+    f.write(render(notebook))
   print('wrote', QUICKSTART, file=sys.stderr)
 
 

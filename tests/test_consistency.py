@@ -14,6 +14,7 @@ from sferd_jax import errors
 from sferd_jax import exports
 from sferd_jax import pipeline
 from sferd_jax import sampling
+from sferd_jax import sharding
 from sferd_jax.diffusion import consistency
 from sferd_jax.diffusion import process
 from sferd_jax.diffusion import samplers
@@ -193,6 +194,35 @@ def test_with_one_interval_the_target_is_the_teachers_x(tiny_run):
   # The target network moved by (1 - mu) of the update: tiny's target_decay is 0.5.
   jax.tree.map(lambda t, p, p0: np.testing.assert_allclose(t, 0.5 * p0 + 0.5 * p, rtol=1e-5, atol=1e-7),
                state.target_params, state.params, teacher)
+
+
+def test_the_guided_teacher_drives_the_ode_step(tiny_run):
+  """attention_guidance.enabled changes the consistency target (the same guided teacher as PD's), from the same
+  state and batch."""
+  workdir, _ = tiny_run
+  teacher = exports.load(os.path.join(workdir, 'teacher')).params
+  losses = {}
+  for enabled in (False, True):
+    config = _cd_config(os.path.join(workdir, 'teacher'), **{'sferd.attention_guidance.enabled': enabled})
+    spec = phases.build(config, 'consistency')
+    batch = phases.make_batches(config, spec).get(0, 1)
+    _, metrics = tiny.run_step_on(jax.local_devices()[:1], spec.step, lambda spec=spec: spec.init(teacher), batch,
+                                  extra=(teacher,))
+    losses[enabled] = float(metrics['loss'][0])
+  assert np.isfinite(list(losses.values())).all() and losses[True] != losses[False]
+
+
+def test_a_pd_student_initialises_the_consistency_model(tiny_run, tmp_path):
+  workdir, _ = tiny_run
+  config = _cd_config(os.path.join(workdir, 'teacher'), **{'consistency.init': os.path.join(workdir, 'distill',
+                                                                                             'stage_1')})
+  spec = phases.build(config, 'consistency')
+  [job] = phases.jobs(config, str(tmp_path), spec, mesh=sharding.make_mesh())
+  inputs = job.prepare()
+  stage_1 = exports.load(os.path.join(workdir, 'distill', 'stage_1'))
+  assert exports.fingerprint(inputs.init_args[0]) == exports.fingerprint(stage_1.params) == inputs.meta['init']
+  assert inputs.meta['teacher'] == exports.fingerprint(exports.load(os.path.join(workdir, 'teacher')).params)
+  assert inputs.info['init'] == stage_1.path and inputs.info['model']['output_type'] == 'consistency_x'
 
 
 def test_guided_cd_killed_and_resumed_equals_uninterrupted_then_samples_and_evaluates(tiny_run, tmp_path,

@@ -1,7 +1,7 @@
-"""The notebooks: valid nbformat 4 without outputs, in step with notebooks/make_notebooks.py, and every code cell
-run in order, in-process, on the tiny config (no Jupyter): shell (!) and magic (%) lines are skipped, the rest is
-exec'd in one namespace. The notebook reuses the session's finished tiny run (SFERD_NOTEBOOK_WORKDIR), so its
-training cell only checks that every phase is done."""
+"""The notebooks: valid nbformat 4, in step with notebooks/make_notebooks.py (outputs aside), any saved outputs those
+of one top-to-bottom run, and every code cell run in order, in-process, on the tiny config (no Jupyter): shell (!)
+and magic (%) lines are skipped, the rest is exec'd in one namespace. The notebook reuses the session's finished
+tiny run (SFERD_NOTEBOOK_WORKDIR), so its training cell only checks that every phase is done."""
 
 import importlib.util
 import json
@@ -45,17 +45,18 @@ def run_notebook(path):
   return namespace, len(code_cells)
 
 
-def test_notebook_is_valid_nbformat4_without_outputs():
+def test_notebook_is_valid_nbformat4_and_its_outputs_are_one_run():
   notebook = _load(QUICKSTART)
   assert notebook['nbformat'] == 4 and notebook['nbformat_minor'] >= 5
   assert notebook['metadata']['kernelspec']['name'] == 'python3'
   ids = [c['id'] for c in notebook['cells']]
   assert len(set(ids)) == len(ids)
+  code = [c for c in notebook['cells'] if c['cell_type'] == 'code']
   for cell in notebook['cells']:
     assert cell['cell_type'] in ('markdown', 'code') and isinstance(cell['source'], list)
     if cell['cell_type'] == 'code':
-      assert cell['outputs'] == [] and cell['execution_count'] is None
       compile(_code(cell), cell['id'], 'exec')
+  _check_outputs_are_one_run(notebook, code)
   try:
     import nbformat  # pylint: disable=g-import-not-at-top
   except ImportError:
@@ -63,11 +64,34 @@ def test_notebook_is_valid_nbformat4_without_outputs():
   nbformat.validate(nbformat.reads(json.dumps(notebook), as_version=4))
 
 
+def _check_outputs_are_one_run(notebook, code):
+  """No outputs at all, or every code cell's from one run in order (execution counts 1..n), with its record."""
+  if all(c['execution_count'] is None and not c['outputs'] for c in code):
+    assert _generator().EXECUTED not in notebook['metadata']
+    return
+  assert [c['execution_count'] for c in code] == list(range(1, len(code) + 1)), 'outputs of more than one run'
+  record = notebook['metadata'][_generator().EXECUTED]
+  assert record['seconds'] > 0 and record['date'] and record['machine']
+  assert not any(o.get('output_type') == 'error' for c in code for o in c['outputs'])
+
+
+def test_the_generator_keeps_outputs_only_while_every_cell_is_unchanged():
+  generator = _generator()
+  executed = generator.quickstart()
+  for i, c in enumerate(c for c in executed['cells'] if c['cell_type'] == 'code'):
+    c.update(execution_count=i + 1, outputs=[{'output_type': 'stream', 'name': 'stdout', 'text': [f'{i}\n']}])
+  executed['metadata'][generator.EXECUTED] = dict(date='2026-12-01', seconds=1, machine='test')
+  kept = generator.with_kept_outputs(generator.quickstart(), executed)
+  assert kept == executed and generator.without_outputs(kept) == generator.quickstart()
+  edited = generator.quickstart()
+  next(c for c in edited['cells'] if c['id'] == 'load')['source'][0] += '# edited\n'
+  assert generator.with_kept_outputs(edited, executed) == edited  # one cell changed: no outputs kept anywhere
+
+
 def test_notebook_matches_its_generator():
   generator = _generator()
-  with open(QUICKSTART, encoding='utf-8') as f:
-    assert f.read() == generator.render(generator.quickstart()), (
-        'notebooks/sferd_quickstart.ipynb is stale: run python notebooks/make_notebooks.py')
+  assert generator.render(generator.without_outputs(_load(QUICKSTART))) == generator.render(generator.quickstart()), (
+      'notebooks/sferd_quickstart.ipynb is stale: run python notebooks/make_notebooks.py')
 
 
 def test_notebook_code_has_no_placeholders_or_retired_setup():
