@@ -43,8 +43,8 @@ from sferd_jax.training import loop
 from sferd_jax.training import phases
 # pylint: enable=wrong-import-position
 
-MEASURES = ('teacher', 'distill', 'guided', 'semantic', 'sample')
-TRAIN_SECTIONS = ('teacher', 'distill', 'semantic')
+MEASURES = ('teacher', 'distill', 'guided', 'consistency', 'semantic', 'sample')
+TRAIN_SECTIONS = ('teacher', 'distill', 'consistency', 'semantic')
 DTYPES = ('float32', 'bfloat16')
 # The issue's bound: the guided teacher does 1.4x the forward passes of a plain distill step (4 teacher passes +
 # 3 student-equivalents vs 2 + 3), and the guided step may cost at most 1.45x the plain one.
@@ -233,6 +233,13 @@ def distill_step(config, *, params, mesh, guided):
   return spec.step, init_state(spec, params, mesh=mesh), (params, jnp.int32(student_steps(config)))
 
 
+def consistency_step(config, *, params, mesh):
+  """The consistency-distillation step (its solver, and the teacher guided, as the config says), the student and
+  its target network starting as the teacher."""
+  spec = phases.build(config, 'consistency')
+  return spec.step, init_state(spec, params, mesh=mesh), (params,)
+
+
 def student_steps(config):
   return config.distill.start_num_steps // 2
 
@@ -342,6 +349,13 @@ def measure_distill(config, *, meta, params, batches, mesh, warmup, steps, guide
   return records
 
 
+def measure_consistency(config, *, meta, params, batches, mesh, warmup, steps):
+  step = TrainStep('consistency step', consistency_step(config, params=params, mesh=mesh), batches, mesh=mesh)
+  run_timed([step.timed], warmup=warmup, steps=steps)
+  return [dict(measure='consistency', **meta, solver=config.consistency.solver,
+               guided=guided_teacher.is_active(config.sferd.attention_guidance), **step.fields(warmup))]
+
+
 def measure_semantic(config, *, meta, params, batches, mesh, warmup, steps):
   step = TrainStep('semantic step', semantic_step(config, params=params, mesh=mesh), batches, mesh=mesh)
   run_timed([step.timed], warmup=warmup, steps=steps)
@@ -391,6 +405,8 @@ def run(args, emit):
     done(measure_teacher(config, **train_kwargs('teacher')))
   if only & {'distill', 'guided'}:
     done(measure_distill(config, guided='guided' in only, **train_kwargs('distill')))
+  if 'consistency' in only:
+    done(measure_consistency(config, **train_kwargs('consistency')))
   if 'semantic' in only:
     done(measure_semantic(config, **train_kwargs('semantic')))
   if 'sample' in only:

@@ -5,7 +5,7 @@
 #   2. bench at the CIFAR-10 configs, batch 128: the teacher step (configs/cifar10_teacher.py: dropout 0.2, EMA, as
 #      the teacher trains), the plain and guided distill steps, the semantic step, and 1-step sampling at batch 1024
 #      with and without the semantic predictor (configs/cifar10_stage.py). 20 timed calls after 3 warm-ups, as the
-#      anchor's,
+#      anchor's; then the consistency-distillation step of configs/cifar10_cd.py (Heun, guided), not yet run on a GPU,
 #   3. the sharded == single-device step tests, on 4 fake CPU devices of the GPU image (one GPU cannot shard; this
 #      checks the sharding code under the image's jax 0.11.2 / Python 3.12).
 # Run from the repository root:  bash bench/gpu_check.sh
@@ -14,8 +14,8 @@
 # and name .whl in the device tool's carry; the script installs .whl/*.whl into /tmp/site and puts that on
 # PYTHONPATH. Everything goes to $OUT (a temporary folder when unset): gpu_check.log, bench_cifar10.jsonl,
 # bench_cifar10.md (its table), nvidia_smi.txt. On one H200 (2026-11-26) it passed in 377 s, compiles 40-50 s each;
-# its numbers are in the README and bench/results/. Each stage has its own time limit, together 610 s: give the
-# device tool timeout_s=600 (the last stage, the CPU tests, may be cut).
+# its numbers are in the README and bench/results/. Each stage has its own time limit, together 700 s: give the
+# device tool timeout_s=600 (the last stage, the CPU tests, may be cut: they also run in CI).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-$(mktemp -d)}
@@ -55,6 +55,7 @@ COMMON=(--batch_size=128 --steps=20 --warmup=3 --out="$JSONL")
 stage bench_teacher 100 python3 bench/bench.py --config=configs/cifar10_teacher.py --only=teacher "${COMMON[@]}"
 stage bench_stage 300 python3 bench/bench.py --config=configs/cifar10_stage.py --only=guided,semantic,sample \
   --sample_batch_size=1024 "${COMMON[@]}"
+stage bench_cd 90 python3 bench/bench.py --config=configs/cifar10_cd.py --only=consistency "${COMMON[@]}"
 if [ -s "$JSONL" ]; then
   python3 bench/bench.py --summarize="$JSONL" | tee "$OUT/bench_cifar10.md"
 fi

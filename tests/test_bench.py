@@ -20,7 +20,7 @@ TINY = os.path.join(tiny.ROOT, 'configs', 'tiny.py')
 # The tiny net with one resolution level: every code path still runs (attention, guidance at 8 x 8, the semantic
 # encoder and shift decoder), and XLA:CPU compiles its steps in ~2/3 of the time.
 OVERRIDES = (('model.ch_mult', (1,)), ('model.attn_resolutions', (8,)))
-MEASURES = ['teacher', 'distill', 'distill_guided', 'semantic', 'sample', 'sample_semantic']
+MEASURES = ['teacher', 'distill', 'distill_guided', 'consistency', 'semantic', 'sample', 'sample_semantic']
 META = {'measure': str, 'device_kind': str, 'platform': str, 'device_count': int, 'jax_version': str,
         'flax_version': str, 'config': str, 'overrides': dict, 'dtype': str, 'batch_size': int}
 TIMING = ('median_ms', 'min_ms', 'images_per_s', 'gflop_per_step', 'tflops_per_s')
