@@ -31,8 +31,10 @@ INTRO = r"""# SFERD quickstart: distil a diffusion model to a few steps, in JAX
 
 This notebook runs the whole pipeline of `sferd_jax` on the embedded digits dataset (no download), through the
 Python API: train a teacher, distil it stage by stage (each stage halves the number of sampling steps), train the
-semantic predictor of the last stage, then compare the teacher with its few-step students, sample the teacher with
-attention guidance, switch the semantic predictor on and off, and look at one attention map and its risky mask.
+semantic predictor of the last stages, distil the same teacher into a consistency model (consistency distillation
+with the guided teacher), then compare the teacher with its few-step students, sample the teacher with attention
+guidance, switch the semantic predictor on and off, and look at one attention map and its risky mask. The outputs
+saved with this notebook are those of one run on a 2-core CPU (its metadata says when and how long it took).
 
 **Runtime, honestly.** The training cell runs `configs/quickstart.py`; its header says how long it takes on a
 2-core CPU, and a Colab CPU runtime is of that order. A GPU or TPU runtime is faster, mostly compilation. The
