@@ -79,7 +79,7 @@ def test_configs_by_name_with_arguments_and_the_console_script(tmp_path):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   pd, sferd = module.get_config('method=pd'), module.get_config()
-  assert not pd.sferd.attention_guidance.enabled and pd.phases == ('teacher', 'distill', 'evaluate')
+  assert not pd.sferd.attention_guidance.enabled and pd.phases == ('teacher', 'distill', 'consistency', 'evaluate')
   assert pd.evaluate.semantic == (False,) and sferd.sferd.attention_guidance.enabled
   # The installed console script is the same command line.
   sferd_script = os.path.join(os.path.dirname(sys.executable), 'sferd')

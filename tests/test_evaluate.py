@@ -320,7 +320,7 @@ def test_kid_header_and_values_are_the_raw_mmd():
   row = dict(model='m', stage=0, num_steps=1, guidance=False, semantic=False, num_samples=10, fid=1.0,
              kid_mean=0.0123, kid_std=0.0011, is_mean=None, is_std=None, extractor='classifier/x')
   table = evaluate.results_table([row])
-  assert _table(table) == [{'model': 'm', 'stage': 'teacher', 'steps': '1', 'guidance': 'off', 'semantic': 'off',
+  assert _table(table) == [{'model': 'm', 'stage': '-', 'steps': '1', 'guidance': 'off', 'semantic': 'off',
                             'seed': '-', 'samples': '10', 'FID': '1.000', 'KID': '0.0123 ± 0.0011', 'IS': '-',
                             'NN dist (real held-out: -)': '-', 'code sens.': '-', 'shift RMS': '-',
                             'features': 'classifier'}]

@@ -38,19 +38,23 @@ def _same_params(a, b):
   jax.tree.map(np.testing.assert_array_equal, exports.load(a).params, exports.load(b).params)
 
 
-def _data_file(folder):
-  """The largest of Orbax's array data files (OCDBT's d/ folders) under a checkpoint or export folder."""
-  found = [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
-           if os.path.basename(root) == 'd']
-  return max(found, key=os.path.getsize)
+def _data_files(folder):
+  """Orbax's data files (OCDBT's d/ folders: array chunks and B-tree nodes) under a checkpoint or export folder."""
+  return [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
+          if os.path.basename(root) == 'd']
 
 
-def _scribble(path, *, size=1024, seed=0):
-  """Writes `size` random bytes into the middle of a file, as a failing disk or a stray write would."""
-  length = os.path.getsize(path)
-  with open(path, 'r+b') as f:
-    f.seek(max(0, length // 2 - size // 2))
-    f.write(np.random.default_rng(seed).integers(0, 256, min(size, length), dtype=np.uint8).tobytes())
+def _scribble(folder, *, size=1024, seed=0):
+  """Writes `size` random bytes at 7 places spread over each data file of `folder`, as a failing disk or a stray
+  write would. Spread over every file, not one spot of one file: a data file may also hold bytes no array refers
+  to (one spot there changes nothing a restore reads)."""
+  rng = np.random.default_rng(seed)
+  for path in _data_files(folder):
+    length = os.path.getsize(path)
+    with open(path, 'r+b') as f:
+      for k in range(1, 8):
+        f.seek(max(0, length * k // 8 - size // 2))
+        f.write(rng.integers(0, 256, min(size, length), dtype=np.uint8).tobytes())
 
 
 @pytest.fixture(scope='module')
@@ -71,7 +75,7 @@ def test_random_bytes_in_the_latest_checkpoint_fall_back_to_the_previous_one(tmp
   workdir = str(tmp_path)
   pipeline.run_phase(config, workdir, 'teacher')
   shutil.rmtree(os.path.join(workdir, 'teacher', 'model'))  # killed between the last checkpoint and the export
-  _scribble(_data_file(os.path.join(workdir, 'teacher', 'checkpoints', '4', 'state')))
+  _scribble(os.path.join(workdir, 'teacher', 'checkpoints', '4', 'state'))
   pipeline.run_phase(config, workdir, 'teacher')
   aside = os.listdir(os.path.join(workdir, 'teacher', 'corrupt_checkpoints'))
   assert [name.split('_')[0] for name in aside] == ['4']
@@ -106,7 +110,7 @@ def test_a_state_fingerprint_mismatch_is_caught_even_when_orbax_reads_the_bytes(
 def test_a_corrupt_export_is_an_error_that_names_the_file_and_the_rebuild(tmp_path, straight_teacher):
   export = str(tmp_path / 'model')
   shutil.copytree(os.path.join(straight_teacher, 'teacher', 'model'), export)
-  _scribble(_data_file(os.path.join(export, 'params')))
+  _scribble(os.path.join(export, 'params'))
   with pytest.raises(errors.CheckpointError, match=r'(?s)model/params (is corrupt|cannot be restored).*Rebuild it'):
     exports.load(export)
 
@@ -116,7 +120,7 @@ def test_a_corrupt_semantic_export_is_caught_when_its_student_loads(tmp_path, ti
   workdir, _ = tiny_run
   stage = str(tmp_path / 'stage_2')
   shutil.copytree(os.path.join(workdir, 'distill', 'stage_2'), stage)
-  _scribble(_data_file(os.path.join(stage, 'semantic', 'model', 'params')))
+  _scribble(os.path.join(stage, 'semantic', 'model', 'params'))
   with pytest.raises(errors.CheckpointError, match=r'semantic/model/params (is corrupt|cannot be restored)'):
     exports.load(os.path.join(stage, 'model'))
 

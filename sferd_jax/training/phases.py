@@ -131,9 +131,9 @@ def train_and_export(spec, job, *, config, mesh):
     logging.info('%s: finished and exported at %s; skipping', job.name, export)
     return exports.read_info(export)
   inputs = job.prepare()
-  phase = loop.Phase(name=job.name, directory=job.directory, train_config=spec.train_config, step=inputs.step or spec.step,
-                     init_state=spec.init, init_args=inputs.init_args, extra_args=inputs.extra_args,
-                     meta=dict(spec.meta, **inputs.meta), sample_fn=inputs.sample_fn,
+  phase = loop.Phase(name=job.name, directory=job.directory, train_config=spec.train_config,
+                     step=inputs.step or spec.step, init_state=spec.init, init_args=inputs.init_args,
+                     extra_args=inputs.extra_args, meta=dict(spec.meta, **inputs.meta), sample_fn=inputs.sample_fn,
                      config_keys=dict(META_CONFIG_KEYS, training=spec.name, loss=f'{spec.name}.loss'),
                      allow_changes=tuple(config.allow_changes), fixed_keys=FIXED_CONFIG_KEYS,
                      profile_steps=config.get('profile_steps', 0))
@@ -164,6 +164,14 @@ def _optimizer(train_config, state_class=state_lib.TrainState):
 def training_meta(train_config):
   """What a phase's checkpoints record of its training section, for a resume to match (loop.Phase.meta)."""
   return {k: v for k, v in config_lib.to_json(train_config).items() if k not in RESUMABLE_KEYS}
+
+
+def distillation_meta(config, train_config):
+  """The resume record of a phase that distils the (guided) teacher (distill, consistency): its architecture,
+  schedule, data, seed, loss, guidance and training settings."""
+  return dict(model=config.model.to_dict(), diffusion=config.diffusion.to_dict(), data=data_record(config),
+              seed=config.seed, loss=train_config.loss, attention_guidance=guidance_meta(config),
+              training=training_meta(train_config))
 
 
 def guidance_meta(config):
@@ -293,8 +301,9 @@ class PredictorStudent:
 def predictor_students(config, run):
   """The students of config that get a predictor: each stage of semantic_stages, then the consistency model when
   config.consistency.semantic (the same target and teacher, SFERD.md §4, on its own sampling levels)."""
-  students = [PredictorStudent(what=f'distillation stage {stage}', name=f'stage_{stage}', directory=run.stage_dir(stage),
-                               key=stage, stage=stage, teacher=stage_teacher_path(config, run.workdir, stage))
+  students = [PredictorStudent(what=f'distillation stage {stage}', name=f'stage_{stage}',
+                               directory=run.stage_dir(stage), key=stage, stage=stage,
+                               teacher=stage_teacher_path(config, run.workdir, stage))
               for stage in config_lib.semantic_stages(config)]
   if config.consistency.semantic:
     students.append(PredictorStudent(what='the consistency model', name='consistency', directory=run.consistency_dir,
@@ -363,9 +372,7 @@ def distill_spec(config):
                                                                                config.sferd.attention_guidance))
   return PhaseSpec(name='distill', train_config=train_config, step=step, init=create, create=create,
                    seed=config.seed + 1,
-                   meta=dict(model=config.model.to_dict(), diffusion=config.diffusion.to_dict(),
-                             data=data_record(config), seed=config.seed, loss=train_config.loss,
-                             attention_guidance=guidance_meta(config), training=training_meta(train_config)))
+                   meta=distillation_meta(config, train_config))
 
 
 def distill_jobs(config, run, spec, mesh):
@@ -429,9 +436,7 @@ def consistency_spec(config):
       teacher_fn=guided_teacher.denoise_factory(config.model, config.sferd.attention_guidance))
   return PhaseSpec(name='consistency', train_config=train_config, step=step, init=create, create=create,
                    seed=config.seed + 4,
-                   meta=dict(model=config.model.to_dict(), diffusion=config.diffusion.to_dict(),
-                             data=data_record(config), seed=config.seed, loss=train_config.loss,
-                             attention_guidance=guidance_meta(config), training=training_meta(train_config)))
+                   meta=distillation_meta(config, train_config))
 
 
 def consistency_jobs(config, run, spec, mesh):
@@ -540,8 +545,8 @@ def latent_spec(config):
 
 
 def latent_jobs(config, run, spec, mesh):
-  """Exports <student>/latent/model of each predictor_students(): its params and the code statistics ({'params', 'stats': {'mean',
-  'std'}}); model.json records its num_classes."""
+  """Exports <student>/latent/model of each predictor_students(): its params and the code statistics ({'params',
+  'stats': {'mean', 'std'}}); model.json records its num_classes."""
   del mesh  # its data are codes computed here, on this process
   encoder, _ = semantic_lib.make_semantic_models(config.model, config.sferd.semantic)
   num_classes = int(config.model.num_classes)
